@@ -1,0 +1,212 @@
+//! `sector bench`: throughput of the two kernels a CPU-scale run spends its
+//! time in (teacher-forced training and batched greedy decoding), each also
+//! given as a fraction of this machine's f32 matmul rate measured in the same
+//! run. Random weights and tokens; one warm-up run, then the median.
+
+use crate::generate::{greedy, GreedyOptions};
+use crate::model::T5Config;
+use crate::train::{Example, TrainConfig, Trainer};
+use crate::weights::Model;
+use candle_core::{Device, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_pcg::Pcg64;
+use std::time::Instant;
+
+/// Source length of every benchmark input.
+const SRC_LEN: usize = 40;
+/// Tokens generated per row when decoding.
+const NEW_TOKENS: usize = 64;
+
+enum Kind {
+    /// Training with this many target tokens per row.
+    Train { tgt_len: usize },
+    /// Greedy decoding of NEW_TOKENS per row.
+    Decode,
+}
+
+struct Case {
+    preset: &'static str,
+    batch: usize,
+    kind: Kind,
+}
+
+impl Case {
+    fn name(&self) -> String {
+        match self.kind {
+            Kind::Train { tgt_len } => format!("train {} b{}x{tgt_len}", self.preset, self.batch),
+            Kind::Decode => format!("decode {} b{} +{NEW_TOKENS}", self.preset, self.batch),
+        }
+    }
+}
+
+const CASES: [Case; 6] = [
+    Case {
+        preset: "cpu-small",
+        batch: 32,
+        kind: Kind::Train { tgt_len: 300 },
+    },
+    Case {
+        preset: "cpu-small",
+        batch: 128,
+        kind: Kind::Train { tgt_len: 16 },
+    },
+    Case {
+        preset: "cpu-small",
+        batch: 256,
+        kind: Kind::Decode,
+    },
+    Case {
+        preset: "cpu-small",
+        batch: 32,
+        kind: Kind::Decode,
+    },
+    Case {
+        preset: "cpu-medium",
+        batch: 32,
+        kind: Kind::Train { tgt_len: 300 },
+    },
+    Case {
+        preset: "cpu-medium",
+        batch: 32,
+        kind: Kind::Decode,
+    },
+];
+
+pub fn run(reps: usize, filter: &str) -> crate::Result<()> {
+    let reps = reps.max(1);
+    let threads = candle_core::utils::get_num_threads();
+    let peak = matmul_flops_per_s(reps)?;
+    println!(
+        "f32 matmul peak (2048x2048x2048, {threads} threads): {:.1} GFLOP/s\n",
+        peak / 1e9
+    );
+    println!("| case | params | tokens/s | GFLOP/s | of matmul peak |");
+    println!("|---|---:|---:|---:|---:|");
+    for case in CASES.iter().filter(|c| c.name().contains(filter)) {
+        let cfg = T5Config::preset(case.preset).expect("bench presets exist");
+        let model = Model::random(&cfg, 0, &Device::Cpu)?;
+        let mut rng = Pcg64::seed_from_u64(1);
+        let tokens = |rng: &mut Pcg64, len: usize| -> Vec<u32> {
+            (0..len).map(|_| rng.random_range(3..259)).collect()
+        };
+        let inputs: Vec<Vec<u32>> = (0..case.batch).map(|_| tokens(&mut rng, SRC_LEN)).collect();
+        let (seconds, tokens_per_run, flops_per_run) = match case.kind {
+            Kind::Train { tgt_len } => {
+                let examples: Vec<Example> = inputs
+                    .into_iter()
+                    .map(|input| (input, tokens(&mut rng, tgt_len)))
+                    .collect();
+                let batch: Vec<&Example> = examples.iter().collect();
+                let config = TrainConfig {
+                    batch_size: case.batch,
+                    max_tokens_per_micro_batch: usize::MAX,
+                    ..TrainConfig::default()
+                };
+                let mut trainer = Trainer::new(model, config)?;
+                let seconds = median_seconds(reps, || trainer.step(&batch).map(|_| ()))?;
+                (
+                    seconds,
+                    case.batch * tgt_len,
+                    3.0 * forward_flops(&cfg, case.batch, SRC_LEN, tgt_len),
+                )
+            }
+            Kind::Decode => {
+                let opts = GreedyOptions {
+                    max_new_tokens: NEW_TOKENS,
+                    stop_at_eos: false,
+                };
+                let seconds =
+                    median_seconds(reps, || Ok(greedy(&model.t5, &inputs, opts).map(|_| ())?))?;
+                (
+                    seconds,
+                    case.batch * NEW_TOKENS,
+                    decode_flops(&cfg, case.batch, SRC_LEN, NEW_TOKENS),
+                )
+            }
+        };
+        let flops_per_s = flops_per_run / seconds;
+        println!(
+            "| {} | {:.2}M | {:.0} | {:.1} | {:.1} % |",
+            case.name(),
+            cfg.num_params() as f64 / 1e6,
+            tokens_per_run as f64 / seconds,
+            flops_per_s / 1e9,
+            100.0 * flops_per_s / peak
+        );
+    }
+    Ok(())
+}
+
+/// Median wall time of `reps` runs after one warm-up run.
+fn median_seconds(reps: usize, mut f: impl FnMut() -> crate::Result<()>) -> crate::Result<f64> {
+    f()?;
+    let mut times = (0..reps)
+        .map(|_| {
+            let start = Instant::now();
+            f().map(|_| start.elapsed().as_secs_f64())
+        })
+        .collect::<crate::Result<Vec<f64>>>()?;
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+/// FLOP/s of a large square f32 matmul on the CPU.
+fn matmul_flops_per_s(reps: usize) -> crate::Result<f64> {
+    const N: usize = 2048;
+    let mut rng = Pcg64::seed_from_u64(2);
+    let mut random = || {
+        Tensor::from_vec(
+            (0..N * N).map(|_| rng.random::<f32>()).collect::<Vec<_>>(),
+            (N, N),
+            &Device::Cpu,
+        )
+    };
+    let (a, b) = (random()?, random()?);
+    let seconds = median_seconds(reps, || Ok(a.matmul(&b).map(|_| ())?))?;
+    Ok(2.0 * (N * N * N) as f64 / seconds)
+}
+
+/// Matmul FLOPs of a teacher-forced forward pass (the backward pass costs
+/// about twice as much). Norms, softmax and element-wise ops are left out.
+pub fn forward_flops(cfg: &T5Config, batch: usize, src: usize, tgt: usize) -> f64 {
+    let (b, s, t) = (batch as f64, src as f64, tgt as f64);
+    let (d, f, v) = (cfg.d_model as f64, cfg.d_ff as f64, cfg.vocab_size as f64);
+    let inner = (cfg.num_heads * cfg.d_kv) as f64;
+    let linear = |rows: f64, i: f64, o: f64| 2.0 * rows * i * o;
+    // Scores and weighted values: two (q x k) by inner products.
+    let attention = |q: f64, k: f64| 2.0 * 2.0 * b * q * k * inner;
+    let ff = |rows: f64| 3.0 * linear(rows, d, f);
+    let encoder_layer = 4.0 * linear(b * s, d, inner) + attention(s, s) + ff(b * s);
+    let decoder_layer = 4.0 * linear(b * t, d, inner)
+        + attention(t, t)
+        + 2.0 * linear(b * t, d, inner)
+        + 2.0 * linear(b * s, d, inner)
+        + attention(t, s)
+        + ff(b * t);
+    cfg.num_layers as f64 * encoder_layer
+        + cfg.decoder_layers() as f64 * decoder_layer
+        + linear(b * t, d, v)
+}
+
+/// Matmul FLOPs of encoding `src` tokens and decoding `new` tokens one at a
+/// time with a cache: the encoder pass (with the decoder's cross-attention
+/// keys and values) plus, per step, one decoder row per batch element.
+fn decode_flops(cfg: &T5Config, batch: usize, src: usize, new: usize) -> f64 {
+    let full = forward_flops(cfg, batch, src, 1);
+    let (b, d, inner) = (
+        batch as f64,
+        cfg.d_model as f64,
+        (cfg.num_heads * cfg.d_kv) as f64,
+    );
+    let per_step = |past: f64| {
+        let linear = |i: f64, o: f64| 2.0 * b * i * o;
+        let layer = 4.0 * linear(d, inner)
+            + 2.0 * 2.0 * b * past * inner
+            + 2.0 * linear(d, inner)
+            + 2.0 * 2.0 * b * src as f64 * inner
+            + 3.0 * linear(d, cfg.d_ff as f64);
+        cfg.decoder_layers() as f64 * layer + linear(d, cfg.vocab_size as f64)
+    };
+    // forward_flops(.., 1) already counts the first step.
+    full + (2..=new).map(|t| per_step(t as f64)).sum::<f64>()
+}

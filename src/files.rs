@@ -1,0 +1,156 @@
+//! Atomic writes and sha256 manifests.
+//!
+//! Every file the project writes goes through `write_atomic`, so a killed run
+//! leaves either the old file or the new one, never half of one. A directory's
+//! `manifest.sha256` lists its files in `sha256sum` format, so a reviewer can
+//! also check it with `sha256sum -c manifest.sha256`.
+
+use crate::error::{Error, Result};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+pub const MANIFEST: &str = "manifest.sha256";
+
+/// Writes `bytes` to a temporary file beside `path`, syncs it, then renames
+/// it over `path`.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let write = || -> std::io::Result<()> {
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()
+    };
+    write().map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+pub fn read(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| Error::io(path, e))
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    format!("{:x}", Sha256::digest(bytes))
+}
+
+pub fn sha256_file(path: &Path) -> Result<String> {
+    Ok(sha256_hex(&read(path)?))
+}
+
+/// The sha256 of each file of a directory, by path relative to it.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Manifest {
+    pub entries: BTreeMap<String, String>,
+}
+
+impl Manifest {
+    /// Writes `bytes` atomically to `dir/name` and records its hash.
+    pub fn write_file(&mut self, dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
+        write_atomic(&dir.join(name), bytes)?;
+        self.entries.insert(name.to_string(), sha256_hex(bytes));
+        Ok(())
+    }
+
+    /// Writes `dir/manifest.sha256`.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let text: String = self
+            .entries
+            .iter()
+            .map(|(name, hash)| format!("{hash}  {name}\n"))
+            .collect();
+        write_atomic(&dir.join(MANIFEST), text.as_bytes())
+    }
+
+    /// Reads `dir/manifest.sha256`.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let path = dir.join(MANIFEST);
+        let text =
+            String::from_utf8(read(&path)?).map_err(|_| Error::format(&path, "is not UTF-8"))?;
+        let mut entries = BTreeMap::new();
+        for (i, line) in text.lines().enumerate() {
+            let parsed = line.split_once("  ").filter(|(hash, name)| {
+                hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit()) && !name.is_empty()
+            });
+            let Some((hash, name)) = parsed else {
+                return Err(Error::format(
+                    &path,
+                    format!("line {} is not `<64 hex digits>  <file>`: {line:?}", i + 1),
+                ));
+            };
+            entries.insert(name.to_string(), hash.to_ascii_lowercase());
+        }
+        Ok(Manifest { entries })
+    }
+
+    /// Recomputes every listed file's hash; the first mismatch or missing file
+    /// is an error that names it.
+    pub fn verify(&self, dir: &Path) -> Result<()> {
+        for name in self.entries.keys() {
+            self.verify_bytes(dir, name, &read(&dir.join(name))?)?;
+        }
+        Ok(())
+    }
+
+    /// Checks bytes already read from `dir/name` against the manifest.
+    pub fn verify_bytes(&self, dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
+        let path = dir.join(name);
+        let Some(expected) = self.entries.get(name) else {
+            return Err(Error::format(
+                dir.join(MANIFEST),
+                format!("does not list {name}"),
+            ));
+        };
+        let actual = sha256_hex(bytes);
+        if &actual != expected {
+            return Err(Error::HashMismatch {
+                path,
+                manifest: dir.join(MANIFEST),
+                expected: expected.clone(),
+                actual,
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sha256_of_abc() {
+        assert_eq!(
+            sha256_hex(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn manifest_round_trip_and_tamper() -> Result<()> {
+        let dir = tempfile::tempdir().unwrap();
+        let mut manifest = Manifest::default();
+        manifest.write_file(dir.path(), "a.txt", b"hello")?;
+        manifest.save(dir.path())?;
+        let loaded = Manifest::load(dir.path())?;
+        assert_eq!(loaded, manifest);
+        loaded.verify(dir.path())?;
+        std::fs::write(dir.path().join("a.txt"), b"hellO").unwrap();
+        let err = loaded.verify(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("a.txt") && err.contains("sha256"), "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn malformed_manifest_names_the_line() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(MANIFEST), "not a manifest line\n").unwrap();
+        let err = Manifest::load(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("manifest.sha256") && err.contains("line 1"),
+            "{err}"
+        );
+    }
+}

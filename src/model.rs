@@ -1,0 +1,801 @@
+//! T5 v1.1 as ByT5 uses it, written for training: the whole model in one file.
+//!
+//! Pre-norm encoder-decoder with RMS layer norm (no mean, no bias), gated-GELU
+//! feed-forward, relative position buckets computed once per stack and shared
+//! by its layers (bidirectional in the encoder, causal in the decoder), no
+//! position bias in cross-attention, no 1/sqrt(d_kv) attention scaling (T5
+//! folds it into the initialisation of q) and an untied lm_head.
+//!
+//! Tensor names follow Hugging Face transformers (`encoder.block.0.layer.0.
+//! SelfAttention.q.weight`, ...) through `vb.pp`, so google/byt5-* weights load
+//! and our checkpoints load in transformers.
+//!
+//! Every op here has a backward pass in candle. Two fast candle kernels do
+//! not (`candle_nn::ops::softmax_last_dim` and `rms_norm`): their gradients
+//! silently vanish, so attention uses the composed `candle_nn::ops::softmax`
+//! and RMS norm is written out. tests/gradients.rs checks this.
+
+use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_nn::{Embedding, Linear, VarBuilder};
+use rand::Rng;
+use rand_pcg::Pcg64;
+use serde::{Deserialize, Serialize};
+
+/// Added to attention scores that must get zero weight. Large enough that
+/// exp underflows to 0 next to any real score, small enough for bf16.
+const MASKED: f64 = -1e9;
+
+/// The model's hyper-parameters, read from and written as a Hugging Face
+/// `config.json` (missing fields take transformers' T5Config defaults, unknown
+/// ones are ignored because that file belongs to another library).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct T5Config {
+    #[serde(default = "defaults::vocab_size")]
+    pub vocab_size: usize,
+    #[serde(default = "defaults::d_model")]
+    pub d_model: usize,
+    /// Size of one attention head.
+    #[serde(default = "defaults::d_kv")]
+    pub d_kv: usize,
+    #[serde(default = "defaults::d_ff")]
+    pub d_ff: usize,
+    #[serde(default = "defaults::num_heads")]
+    pub num_heads: usize,
+    /// Encoder layers.
+    #[serde(default = "defaults::num_layers")]
+    pub num_layers: usize,
+    /// Decoder layers; transformers uses num_layers when this is absent.
+    #[serde(default)]
+    pub num_decoder_layers: Option<usize>,
+    #[serde(default = "defaults::buckets")]
+    pub relative_attention_num_buckets: usize,
+    /// Offsets beyond this share the last bucket.
+    #[serde(default = "defaults::max_distance")]
+    pub relative_attention_max_distance: usize,
+    /// Dropout probability when training with dropout on.
+    #[serde(default = "defaults::dropout_rate")]
+    pub dropout_rate: f64,
+    #[serde(default = "defaults::layer_norm_epsilon")]
+    pub layer_norm_epsilon: f64,
+    /// Scales every initialisation std (transformers' `initializer_factor`).
+    #[serde(default = "defaults::initializer_factor")]
+    pub initializer_factor: f64,
+    /// Only "gated-gelu" (T5 v1.1, ByT5) is implemented.
+    #[serde(default = "defaults::feed_forward_proj")]
+    pub feed_forward_proj: String,
+    /// Must be false: ByT5 has its own lm_head.
+    #[serde(default = "defaults::tie_word_embeddings")]
+    pub tie_word_embeddings: bool,
+    #[serde(default)]
+    pub pad_token_id: u32,
+    #[serde(default = "defaults::eos_token_id")]
+    pub eos_token_id: u32,
+    #[serde(default)]
+    pub decoder_start_token_id: u32,
+    /// Written so that transformers recognises the file.
+    #[serde(default = "defaults::model_type")]
+    pub model_type: String,
+    #[serde(default = "defaults::architectures")]
+    pub architectures: Vec<String>,
+    #[serde(default = "defaults::is_encoder_decoder")]
+    pub is_encoder_decoder: bool,
+}
+
+mod defaults {
+    pub fn vocab_size() -> usize {
+        32128
+    }
+    pub fn d_model() -> usize {
+        512
+    }
+    pub fn d_kv() -> usize {
+        64
+    }
+    pub fn d_ff() -> usize {
+        2048
+    }
+    pub fn num_heads() -> usize {
+        8
+    }
+    pub fn num_layers() -> usize {
+        6
+    }
+    pub fn buckets() -> usize {
+        32
+    }
+    pub fn max_distance() -> usize {
+        128
+    }
+    pub fn dropout_rate() -> f64 {
+        0.1
+    }
+    pub fn layer_norm_epsilon() -> f64 {
+        1e-6
+    }
+    pub fn initializer_factor() -> f64 {
+        1.0
+    }
+    pub fn feed_forward_proj() -> String {
+        "relu".into()
+    }
+    pub fn tie_word_embeddings() -> bool {
+        true
+    }
+    pub fn eos_token_id() -> u32 {
+        1
+    }
+    pub fn model_type() -> String {
+        "t5".into()
+    }
+    pub fn architectures() -> Vec<String> {
+        vec!["T5ForConditionalGeneration".into()]
+    }
+    pub fn is_encoder_decoder() -> bool {
+        true
+    }
+}
+
+impl T5Config {
+    /// A ByT5-shaped config (byte vocabulary, gated-GELU, untied head).
+    #[allow(clippy::too_many_arguments)]
+    pub fn byt5(
+        d_model: usize,
+        d_ff: usize,
+        num_heads: usize,
+        d_kv: usize,
+        encoder_layers: usize,
+        decoder_layers: usize,
+    ) -> Self {
+        T5Config {
+            vocab_size: crate::tokenizer::VOCAB_SIZE,
+            d_model,
+            d_kv,
+            d_ff,
+            num_heads,
+            num_layers: encoder_layers,
+            num_decoder_layers: Some(decoder_layers),
+            relative_attention_num_buckets: 32,
+            relative_attention_max_distance: 128,
+            dropout_rate: 0.0,
+            layer_norm_epsilon: 1e-6,
+            initializer_factor: 1.0,
+            feed_forward_proj: "gated-gelu".into(),
+            tie_word_embeddings: false,
+            pad_token_id: 0,
+            eos_token_id: 1,
+            decoder_start_token_id: 0,
+            model_type: defaults::model_type(),
+            architectures: defaults::architectures(),
+            is_encoder_decoder: true,
+        }
+    }
+
+    /// Named configs. The byt5-* ones are the hub's google/byt5-* shapes (their
+    /// config.json keeps dropout 0.1; ours start with dropout off).
+    pub fn preset(name: &str) -> Option<Self> {
+        Some(match name {
+            "byt5-small" => Self::byt5(1472, 3584, 6, 64, 12, 4),
+            "byt5-base" => Self::byt5(1536, 3968, 12, 64, 18, 6),
+            "cpu-tiny" => Self::byt5(64, 128, 2, 32, 2, 2),
+            "cpu-small" => Self::byt5(256, 512, 4, 64, 4, 2),
+            "cpu-medium" => Self::byt5(512, 1024, 8, 64, 6, 4),
+            _ => return None,
+        })
+    }
+
+    pub const PRESETS: [&'static str; 5] = [
+        "byt5-small",
+        "byt5-base",
+        "cpu-tiny",
+        "cpu-small",
+        "cpu-medium",
+    ];
+
+    pub fn decoder_layers(&self) -> usize {
+        self.num_decoder_layers.unwrap_or(self.num_layers)
+    }
+
+    /// The first field that this implementation cannot run, as (field, problem).
+    pub fn unsupported(&self) -> Option<(&'static str, String)> {
+        if self.feed_forward_proj != "gated-gelu" {
+            return Some((
+                "feed_forward_proj",
+                format!(
+                    "is {:?}; only \"gated-gelu\" (T5 v1.1 / ByT5) is implemented",
+                    self.feed_forward_proj
+                ),
+            ));
+        }
+        if self.tie_word_embeddings {
+            return Some((
+                "tie_word_embeddings",
+                "is true; ByT5 has an untied lm_head, set it to false".into(),
+            ));
+        }
+        if self.relative_attention_num_buckets < 4 {
+            return Some((
+                "relative_attention_num_buckets",
+                "must be at least 4".into(),
+            ));
+        }
+        None
+    }
+
+    /// Number of trainable parameters.
+    pub fn num_params(&self) -> usize {
+        let (d, f, inner) = (self.d_model, self.d_ff, self.num_heads * self.d_kv);
+        let attention = 4 * d * inner;
+        let ff = 3 * d * f;
+        let bias = self.relative_attention_num_buckets * self.num_heads;
+        let encoder = self.num_layers * (attention + ff + 2 * d) + bias + d;
+        let decoder = self.decoder_layers() * (2 * attention + ff + 3 * d) + bias + d;
+        2 * self.vocab_size * d + encoder + decoder
+    }
+}
+
+/// T5's relative position bucket of `key - query` (transformers'
+/// `_relative_position_bucket`, including its f32 arithmetic for far offsets).
+pub fn relative_position_bucket(
+    relative: i64,
+    bidirectional: bool,
+    num_buckets: usize,
+    max_distance: usize,
+) -> u32 {
+    let (mut num_buckets, mut bucket) = (num_buckets as i64, 0i64);
+    let distance = if bidirectional {
+        num_buckets /= 2;
+        if relative > 0 {
+            bucket += num_buckets;
+        }
+        relative.abs()
+    } else {
+        (-relative).max(0)
+    };
+    let max_exact = num_buckets / 2;
+    bucket += if distance < max_exact {
+        distance
+    } else {
+        let log_ratio = (distance as f32 / max_exact as f32).ln()
+            / (max_distance as f64 / max_exact as f64).ln() as f32;
+        let large = max_exact + (log_ratio * (num_buckets - max_exact) as f32) as i64;
+        large.min(num_buckets - 1)
+    };
+    bucket as u32
+}
+
+/// Dropout whose masks come from our own PCG, so a training run with dropout
+/// is reproducible. `Dropout::off()` is the identity (evaluation, decoding).
+pub struct Dropout {
+    rate: f64,
+    rng: Option<Pcg64>,
+}
+
+impl Dropout {
+    pub fn off() -> Self {
+        Dropout {
+            rate: 0.0,
+            rng: None,
+        }
+    }
+
+    pub fn new(rate: f64, rng: Pcg64) -> Self {
+        Dropout {
+            rate,
+            rng: Some(rng),
+        }
+    }
+
+    /// The generator's state, to be saved with a checkpoint.
+    pub fn rng(&self) -> Option<&Pcg64> {
+        self.rng.as_ref()
+    }
+
+    fn apply(&mut self, xs: &Tensor) -> Result<Tensor> {
+        let Some(rng) = self.rng.as_mut().filter(|_| self.rate > 0.0) else {
+            return Ok(xs.clone());
+        };
+        let keep = 1.0 / (1.0 - self.rate) as f32;
+        let mask: Vec<f32> = (0..xs.elem_count())
+            .map(|_| {
+                if rng.random::<f64>() < self.rate {
+                    0.0
+                } else {
+                    keep
+                }
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, xs.shape(), xs.device())?.to_dtype(xs.dtype())?;
+        xs * mask
+    }
+}
+
+/// RMS layer norm, written out so that it has a backward pass. In bf16 the
+/// statistics are taken in f32, as transformers does.
+struct RmsNorm {
+    weight: Tensor, // (d_model,)
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn new(vb: VarBuilder, cfg: &T5Config) -> Result<Self> {
+        Ok(RmsNorm {
+            weight: vb.get(cfg.d_model, "weight")?,
+            eps: cfg.layer_norm_epsilon,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let dtype = xs.dtype();
+        let xs = xs.to_dtype(DType::F32)?;
+        let mean_square = xs.sqr()?.mean_keepdim(D::Minus1)?; // (b, t, 1)
+        let normed = xs.broadcast_div(&(mean_square + self.eps)?.sqrt()?)?;
+        normed.to_dtype(dtype)?.broadcast_mul(&self.weight)
+    }
+}
+
+/// Multi-head attention without biases. Keys and values are projected
+/// separately from queries so that decoding can cache them.
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    num_heads: usize,
+    d_kv: usize,
+}
+
+impl Attention {
+    fn new(vb: VarBuilder, cfg: &T5Config) -> Result<Self> {
+        let inner = cfg.num_heads * cfg.d_kv;
+        Ok(Attention {
+            q: candle_nn::linear_no_bias(cfg.d_model, inner, vb.pp("q"))?,
+            k: candle_nn::linear_no_bias(cfg.d_model, inner, vb.pp("k"))?,
+            v: candle_nn::linear_no_bias(cfg.d_model, inner, vb.pp("v"))?,
+            o: candle_nn::linear_no_bias(inner, cfg.d_model, vb.pp("o"))?,
+            num_heads: cfg.num_heads,
+            d_kv: cfg.d_kv,
+        })
+    }
+
+    /// (b, t, heads * d_kv) -> (b, heads, t, d_kv)
+    fn split_heads(&self, xs: &Tensor) -> Result<Tensor> {
+        let (b, t, _) = xs.dims3()?;
+        xs.reshape((b, t, self.num_heads, self.d_kv))?
+            .transpose(1, 2)?
+            .contiguous()
+    }
+
+    /// Keys and values of `xs` (b, t, d_model), each (b, heads, t, d_kv).
+    fn keys_values(&self, xs: &Tensor) -> Result<(Tensor, Tensor)> {
+        Ok((
+            self.split_heads(&self.k.forward(xs)?)?,
+            self.split_heads(&self.v.forward(xs)?)?,
+        ))
+    }
+
+    /// Queries from `xs` (b, tq, d_model) attend to `keys`/`values`
+    /// (b, heads, tk, d_kv); `bias` broadcasts to (b, heads, tq, tk) and holds
+    /// the position bias and the masks. Returns (b, tq, d_model).
+    fn attend(
+        &self,
+        xs: &Tensor,
+        keys: &Tensor,
+        values: &Tensor,
+        bias: &Tensor,
+        drop: &mut Dropout,
+    ) -> Result<Tensor> {
+        let (b, tq, _) = xs.dims3()?;
+        let q = self.split_heads(&self.q.forward(xs)?)?; // (b, h, tq, d_kv)
+        let scores = q.matmul(&keys.t()?)?.broadcast_add(bias)?; // (b, h, tq, tk)
+        let weights = drop.apply(&candle_nn::ops::softmax(&scores, D::Minus1)?)?;
+        let out = weights.matmul(values)?; // (b, h, tq, d_kv)
+        let out = out
+            .transpose(1, 2)?
+            .reshape((b, tq, self.num_heads * self.d_kv))?;
+        self.o.forward(&out)
+    }
+}
+
+/// T5 v1.1's feed-forward: wo(dropout(gelu(wi_0 x) * wi_1 x)), tanh GELU.
+struct GatedGelu {
+    wi_0: Linear,
+    wi_1: Linear,
+    wo: Linear,
+}
+
+impl GatedGelu {
+    fn new(vb: VarBuilder, cfg: &T5Config) -> Result<Self> {
+        Ok(GatedGelu {
+            wi_0: candle_nn::linear_no_bias(cfg.d_model, cfg.d_ff, vb.pp("wi_0"))?,
+            wi_1: candle_nn::linear_no_bias(cfg.d_model, cfg.d_ff, vb.pp("wi_1"))?,
+            wo: candle_nn::linear_no_bias(cfg.d_ff, cfg.d_model, vb.pp("wo"))?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, drop: &mut Dropout) -> Result<Tensor> {
+        let hidden = (self.wi_0.forward(xs)?.gelu()? * self.wi_1.forward(xs)?)?;
+        self.wo.forward(&drop.apply(&hidden)?)
+    }
+}
+
+/// A residual sub-layer's input norm: T5 names it `layer.{i}.layer_norm`.
+struct Block {
+    self_attn: Attention,
+    self_attn_norm: RmsNorm,
+    /// Decoder blocks only.
+    cross_attn: Option<(Attention, RmsNorm)>,
+    ff: GatedGelu,
+    ff_norm: RmsNorm,
+}
+
+impl Block {
+    fn new(vb: VarBuilder, cfg: &T5Config, is_decoder: bool) -> Result<Self> {
+        let ff_layer = if is_decoder { 2 } else { 1 };
+        let cross_attn = if is_decoder {
+            let vb = vb.pp("layer.1");
+            Some((
+                Attention::new(vb.pp("EncDecAttention"), cfg)?,
+                RmsNorm::new(vb.pp("layer_norm"), cfg)?,
+            ))
+        } else {
+            None
+        };
+        Ok(Block {
+            self_attn: Attention::new(vb.pp("layer.0.SelfAttention"), cfg)?,
+            self_attn_norm: RmsNorm::new(vb.pp("layer.0.layer_norm"), cfg)?,
+            cross_attn,
+            ff: GatedGelu::new(vb.pp(format!("layer.{ff_layer}.DenseReluDense")), cfg)?,
+            ff_norm: RmsNorm::new(vb.pp(format!("layer.{ff_layer}.layer_norm")), cfg)?,
+        })
+    }
+}
+
+/// The encoder or the decoder: blocks, the shared position-bias table and the
+/// final norm.
+struct Stack {
+    blocks: Vec<Block>,
+    /// (num_buckets, heads); transformers keeps it in block 0's self-attention.
+    relative_attention_bias: Embedding,
+    final_layer_norm: RmsNorm,
+    is_decoder: bool,
+    num_buckets: usize,
+    max_distance: usize,
+}
+
+impl Stack {
+    fn new(vb: VarBuilder, cfg: &T5Config, is_decoder: bool) -> Result<Self> {
+        let num_layers = if is_decoder {
+            cfg.decoder_layers()
+        } else {
+            cfg.num_layers
+        };
+        let blocks = (0..num_layers)
+            .map(|i| Block::new(vb.pp(format!("block.{i}")), cfg, is_decoder))
+            .collect::<Result<Vec<_>>>()?;
+        let relative_attention_bias = candle_nn::embedding(
+            cfg.relative_attention_num_buckets,
+            cfg.num_heads,
+            vb.pp("block.0.layer.0.SelfAttention.relative_attention_bias"),
+        )?;
+        Ok(Stack {
+            blocks,
+            relative_attention_bias,
+            final_layer_norm: RmsNorm::new(vb.pp("final_layer_norm"), cfg)?,
+            is_decoder,
+            num_buckets: cfg.relative_attention_num_buckets,
+            max_distance: cfg.relative_attention_max_distance,
+        })
+    }
+
+    /// Self-attention bias of `q_len` queries at positions offset.. against
+    /// keys at 0..offset + q_len: (1, heads, q_len, offset + q_len). In the
+    /// decoder it also masks the future.
+    fn self_attention_bias(&self, q_len: usize, offset: usize, device: &Device) -> Result<Tensor> {
+        let k_len = offset + q_len;
+        let mut buckets = Vec::with_capacity(q_len * k_len);
+        let mut future = Vec::with_capacity(q_len * k_len);
+        for q in offset..k_len {
+            for k in 0..k_len {
+                let relative = k as i64 - q as i64;
+                buckets.push(relative_position_bucket(
+                    relative,
+                    !self.is_decoder,
+                    self.num_buckets,
+                    self.max_distance,
+                ));
+                future.push(if self.is_decoder && k > q {
+                    MASKED as f32
+                } else {
+                    0.0
+                });
+            }
+        }
+        let buckets = Tensor::from_vec(buckets, q_len * k_len, device)?;
+        let bias = self.relative_attention_bias.forward(&buckets)?; // (q_len * k_len, heads)
+        let bias = bias.reshape((q_len, k_len, ()))?.permute((2, 0, 1))?; // (heads, q_len, k_len)
+        let future = Tensor::from_vec(future, (1, q_len, k_len), device)?.to_dtype(bias.dtype())?;
+        bias.broadcast_add(&future)?.unsqueeze(0)
+    }
+}
+
+/// (b, len) padding mask of 1s and 0s -> (b, 1, 1, len) additive bias.
+fn padding_bias(mask: &Tensor, dtype: DType) -> Result<Tensor> {
+    let (b, len) = mask.dims2()?;
+    mask.affine(-MASKED, MASKED)?
+        .to_dtype(dtype)?
+        .reshape((b, 1, 1, len))
+}
+
+/// What the decoder needs besides its new tokens: the encoder's keys and
+/// values for cross-attention, and for decoding step by step, the keys and
+/// values of the tokens it has already seen.
+pub struct DecoderState {
+    /// Per layer: cross-attention keys and values, (b, heads, src_len, d_kv).
+    cross: Vec<(Tensor, Tensor)>,
+    /// (b, 1, 1, src_len): masks the encoder's padding.
+    cross_bias: Tensor,
+    /// Per layer: self-attention keys and values of past tokens, (b, heads, len, d_kv).
+    past: Vec<Option<(Tensor, Tensor)>>,
+    /// Number of tokens decoded so far.
+    len: usize,
+}
+
+impl DecoderState {
+    /// Keeps only the given batch rows (finished rows leave a decoding batch).
+    pub fn select_rows(&mut self, rows: &Tensor) -> Result<()> {
+        let select =
+            |(k, v): &(Tensor, Tensor)| Ok((k.index_select(rows, 0)?, v.index_select(rows, 0)?));
+        self.cross = self.cross.iter().map(select).collect::<Result<_>>()?;
+        self.cross_bias = self.cross_bias.index_select(rows, 0)?;
+        for past in self.past.iter_mut().flatten() {
+            *past = select(past)?;
+        }
+        Ok(())
+    }
+}
+
+/// A batch for teacher-forced training or scoring.
+pub struct Seq2SeqBatch {
+    /// (b, src_len) u32 and its f32 padding mask.
+    pub input_ids: Tensor,
+    pub input_mask: Tensor,
+    /// (b, tgt_len) u32: decoder start token, then the target shifted right.
+    pub decoder_input_ids: Tensor,
+    /// (b, tgt_len) u32 targets (ending in eos) and their f32 mask.
+    pub labels: Tensor,
+    pub label_mask: Tensor,
+    /// Number of target tokens that count in the loss.
+    pub num_target_tokens: usize,
+}
+
+impl Seq2SeqBatch {
+    /// `inputs` and `targets` are token ids that already end in eos.
+    pub fn new(inputs: &[Vec<u32>], targets: &[Vec<u32>], device: &Device) -> Result<Self> {
+        use crate::tokenizer::{pad_batch, DECODER_START};
+        let input = pad_batch(inputs, device)?;
+        let labels = pad_batch(targets, device)?;
+        let shifted: Vec<Vec<u32>> = targets
+            .iter()
+            .map(|t| {
+                std::iter::once(DECODER_START)
+                    .chain(t.iter().copied())
+                    .take(t.len())
+                    .collect()
+            })
+            .collect();
+        Ok(Seq2SeqBatch {
+            input_ids: input.ids,
+            input_mask: input.mask,
+            decoder_input_ids: pad_batch(&shifted, device)?.ids,
+            labels: labels.ids,
+            label_mask: labels.mask,
+            num_target_tokens: targets.iter().map(Vec::len).sum(),
+        })
+    }
+}
+
+pub struct T5 {
+    shared: Embedding, // (vocab, d_model), the input embedding of both stacks
+    encoder: Stack,
+    decoder: Stack,
+    lm_head: Linear,
+    cfg: T5Config,
+}
+
+impl T5 {
+    pub fn new(vb: VarBuilder, cfg: &T5Config) -> Result<Self> {
+        if let Some((field, problem)) = cfg.unsupported() {
+            candle_core::bail!("config field `{field}` {problem}");
+        }
+        Ok(T5 {
+            shared: candle_nn::embedding(cfg.vocab_size, cfg.d_model, vb.pp("shared"))?,
+            encoder: Stack::new(vb.pp("encoder"), cfg, false)?,
+            decoder: Stack::new(vb.pp("decoder"), cfg, true)?,
+            lm_head: candle_nn::linear_no_bias(cfg.d_model, cfg.vocab_size, vb.pp("lm_head"))?,
+            cfg: cfg.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &T5Config {
+        &self.cfg
+    }
+
+    /// The dtype of the weights and of the compute.
+    pub fn dtype(&self) -> DType {
+        self.shared.embeddings().dtype()
+    }
+
+    pub fn device(&self) -> &Device {
+        self.shared.embeddings().device()
+    }
+
+    /// input_ids (b, src_len) u32, input_mask (b, src_len) -> (b, src_len, d_model).
+    pub fn encode(
+        &self,
+        input_ids: &Tensor,
+        input_mask: &Tensor,
+        drop: &mut Dropout,
+    ) -> Result<Tensor> {
+        let src_len = input_ids.dim(1)?;
+        let bias = self
+            .encoder
+            .self_attention_bias(src_len, 0, self.device())?
+            .broadcast_add(&padding_bias(input_mask, self.dtype())?)?; // (b, h, src_len, src_len)
+        let mut xs = drop.apply(&self.shared.forward(input_ids)?)?;
+        for block in &self.encoder.blocks {
+            let normed = block.self_attn_norm.forward(&xs)?;
+            let (k, v) = block.self_attn.keys_values(&normed)?;
+            let attended = block.self_attn.attend(&normed, &k, &v, &bias, drop)?;
+            xs = (&xs + drop.apply(&attended)?)?;
+            let transformed = block.ff.forward(&block.ff_norm.forward(&xs)?, drop)?;
+            xs = (&xs + drop.apply(&transformed)?)?;
+        }
+        drop.apply(&self.encoder.final_layer_norm.forward(&xs)?)
+    }
+
+    /// Projects the encoder output for every decoder layer's cross-attention.
+    pub fn start_decoder(&self, encoded: &Tensor, input_mask: &Tensor) -> Result<DecoderState> {
+        let cross = self
+            .decoder
+            .blocks
+            .iter()
+            .map(|block| {
+                block
+                    .cross_attn
+                    .as_ref()
+                    .expect("decoder block")
+                    .0
+                    .keys_values(encoded)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(DecoderState {
+            cross,
+            cross_bias: padding_bias(input_mask, self.dtype())?,
+            past: vec![None; self.decoder.blocks.len()],
+            len: 0,
+        })
+    }
+
+    /// Runs the decoder on `ids` (b, t) u32, the tokens that follow the ones
+    /// `state` has seen, and returns their logits (b, t, vocab). Teacher
+    /// forcing passes the whole shifted target at once; greedy decoding passes
+    /// one token per call. Both go through this one function.
+    pub fn decode(
+        &self,
+        ids: &Tensor,
+        state: &mut DecoderState,
+        drop: &mut Dropout,
+    ) -> Result<Tensor> {
+        let new_len = ids.dim(1)?;
+        let self_bias = self
+            .decoder
+            .self_attention_bias(new_len, state.len, self.device())?; // (1, h, t, len + t)
+        let mut xs = drop.apply(&self.shared.forward(ids)?)?;
+        for (i, block) in self.decoder.blocks.iter().enumerate() {
+            let normed = block.self_attn_norm.forward(&xs)?;
+            let (mut k, mut v) = block.self_attn.keys_values(&normed)?;
+            if let Some((past_k, past_v)) = &state.past[i] {
+                k = Tensor::cat(&[past_k, &k], 2)?;
+                v = Tensor::cat(&[past_v, &v], 2)?;
+            }
+            let attended = block.self_attn.attend(&normed, &k, &v, &self_bias, drop)?;
+            xs = (&xs + drop.apply(&attended)?)?;
+            state.past[i] = Some((k, v));
+
+            let (cross_attn, cross_norm) = block.cross_attn.as_ref().expect("decoder block");
+            let (cross_k, cross_v) = &state.cross[i];
+            let attended = cross_attn.attend(
+                &cross_norm.forward(&xs)?,
+                cross_k,
+                cross_v,
+                &state.cross_bias,
+                drop,
+            )?;
+            xs = (&xs + drop.apply(&attended)?)?;
+            let transformed = block.ff.forward(&block.ff_norm.forward(&xs)?, drop)?;
+            xs = (&xs + drop.apply(&transformed)?)?;
+        }
+        state.len += new_len;
+        let xs = drop.apply(&self.decoder.final_layer_norm.forward(&xs)?)?;
+        self.lm_head.forward(&xs)
+    }
+
+    /// Teacher-forced logits (b, tgt_len, vocab).
+    pub fn forward(&self, batch: &Seq2SeqBatch, drop: &mut Dropout) -> Result<Tensor> {
+        let encoded = self.encode(&batch.input_ids, &batch.input_mask, drop)?;
+        let mut state = self.start_decoder(&encoded, &batch.input_mask)?;
+        self.decode(&batch.decoder_input_ids, &mut state, drop)
+    }
+
+    /// Sum of the token cross-entropies over the batch's non-pad targets, as
+    /// an f32 scalar. Divide by the number of target tokens for the mean.
+    pub fn loss_sum(&self, batch: &Seq2SeqBatch, drop: &mut Dropout) -> Result<Tensor> {
+        let logits = self.forward(batch, drop)?.to_dtype(DType::F32)?;
+        let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?; // (b, t, vocab)
+        let target_log_probs = log_probs
+            .gather(&batch.labels.unsqueeze(2)?, 2)?
+            .squeeze(2)?; // (b, t)
+        (target_log_probs * &batch.label_mask)?.sum_all()?.neg()
+    }
+}
+
+/// "cpu" or "cuda" (or "cuda:N").
+pub fn select_device(name: &str) -> Result<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Device::new_cuda(0),
+        other => match other.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
+            Some(ordinal) => Device::new_cuda(ordinal),
+            None => candle_core::bail!("unknown device {other:?}: use cpu, cuda or cuda:N"),
+        },
+    }
+}
+
+/// f32 on the CPU, bf16 on CUDA (PROTOCOL.md section 9).
+pub fn compute_dtype(device: &Device) -> DType {
+    if device.is_cuda() {
+        DType::BF16
+    } else {
+        DType::F32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_match_transformers() {
+        // Values printed by transformers' T5Attention._relative_position_bucket
+        // with 32 buckets and max distance 128.
+        let bi = |r| relative_position_bucket(r, true, 32, 128);
+        assert_eq!(
+            [bi(0), bi(1), bi(-1), bi(7), bi(-7), bi(8), bi(-8)],
+            [0, 17, 1, 23, 7, 24, 8]
+        );
+        assert_eq!(
+            [bi(-20), bi(20), bi(-127), bi(-128), bi(-1000)],
+            [10, 26, 15, 15, 15]
+        );
+        let causal = |r| relative_position_bucket(r, false, 32, 128);
+        assert_eq!(
+            [causal(3), causal(0), causal(-1), causal(-15), causal(-16)],
+            [0, 0, 1, 15, 16]
+        );
+        assert_eq!([causal(-40), causal(-127), causal(-500)], [23, 31, 31]);
+    }
+
+    #[test]
+    fn presets_count_parameters() {
+        // transformers reports 299,637,760 for google/byt5-small and
+        // 581,653,248 for google/byt5-base.
+        assert_eq!(
+            T5Config::preset("byt5-small").unwrap().num_params(),
+            299_637_760
+        );
+        assert_eq!(
+            T5Config::preset("byt5-base").unwrap().num_params(),
+            581_653_248
+        );
+    }
+}

@@ -1,0 +1,339 @@
+//! Training: Adam, length-grouped micro-batches with gradient accumulation,
+//! and checkpoints that resume exactly.
+//!
+//! One optimiser step consumes a logical batch (e.g. the paper's 1024
+//! examples). It is sorted by length and cut into micro-batches of at most
+//! `max_tokens_per_micro_batch` padded tokens, so it fits any device and
+//! wastes little padding; each micro-batch's summed loss is divided by the
+//! whole batch's target-token count, so the accumulated gradient is the
+//! gradient of the batch's mean token loss whatever the split.
+
+use crate::error::{Error, Result};
+use crate::files::Manifest;
+use crate::model::{Dropout, Seq2SeqBatch};
+use crate::weights::{Model, WEIGHTS_FILE};
+use candle_core::{DType, Device, Tensor, Var};
+use rand::seq::SliceRandom;
+use rand_pcg::Pcg64;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+pub const TRAINER_FILE: &str = "trainer.json";
+
+/// An (input ids, target ids) pair, each ending in eos.
+pub type Example = (Vec<u32>, Vec<u32>);
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Adam's constant learning rate (PROTOCOL.md section 5: 1e-4).
+    pub lr: f64,
+    /// Examples per optimiser step (paper: 1024 for 582M, 2048 for 300M).
+    pub batch_size: usize,
+    /// Padded tokens (input + target) per forward/backward pass; bounds memory.
+    pub max_tokens_per_micro_batch: usize,
+    /// Train with the model config's dropout rate (off: deterministic forward).
+    pub dropout: bool,
+    /// Seeds the data order and the dropout masks.
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            lr: 1e-4,
+            batch_size: 1024,
+            max_tokens_per_micro_batch: 65536,
+            dropout: false,
+            seed: 0,
+        }
+    }
+}
+
+/// Adam (Kingma & Ba) with a constant learning rate, as torch.optim.Adam
+/// computes it. Moments, and for bf16 weights a master copy, are kept in f32.
+pub struct Adam {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub steps: u64,
+    /// Per parameter: first moment, second moment, and the f32 master
+    /// weights when the parameter itself is not f32.
+    state: BTreeMap<String, (Tensor, Tensor, Option<Tensor>)>,
+}
+
+impl Adam {
+    pub fn new(vars: &BTreeMap<String, Var>, lr: f64) -> Result<Self> {
+        let state = vars
+            .iter()
+            .map(|(name, var)| {
+                let zeros = var.as_tensor().zeros_like()?.to_dtype(DType::F32)?;
+                let master = match var.dtype() {
+                    DType::F32 => None,
+                    _ => Some(var.as_tensor().to_dtype(DType::F32)?),
+                };
+                Ok((name.clone(), (zeros.clone(), zeros, master)))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Adam {
+            lr,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            steps: 0,
+            state,
+        })
+    }
+
+    /// One update of every parameter that has a gradient.
+    pub fn step(
+        &mut self,
+        vars: &BTreeMap<String, Var>,
+        grads: &BTreeMap<String, Tensor>,
+    ) -> Result<()> {
+        self.steps += 1;
+        let bias1 = 1.0 - self.beta1.powi(self.steps as i32);
+        let bias2 = 1.0 - self.beta2.powi(self.steps as i32);
+        for (name, var) in vars {
+            let (Some(grad), Some((m, v, master))) = (grads.get(name), self.state.get_mut(name))
+            else {
+                continue;
+            };
+            let grad = grad.to_dtype(DType::F32)?;
+            *m = ((&*m * self.beta1)? + (&grad * (1.0 - self.beta1))?)?;
+            *v = ((&*v * self.beta2)? + (grad.sqr()? * (1.0 - self.beta2))?)?;
+            let denom = ((&*v / bias2)?.sqrt()? + self.eps)?;
+            let update = ((&*m * (self.lr / bias1))? / denom)?;
+            match master {
+                Some(master) => {
+                    *master = (&*master - update)?;
+                    var.set(&master.to_dtype(var.dtype())?)?;
+                }
+                None => var.set(&(var.as_tensor() - update)?)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Splits a logical batch into micro-batches of similar lengths: indices
+/// sorted by length, then cut so that rows x longest row <= `max_tokens`.
+pub fn micro_batches(examples: &[&Example], max_tokens: usize) -> Vec<Vec<usize>> {
+    let len = |i: usize| examples[i].0.len() + examples[i].1.len();
+    let mut order: Vec<usize> = (0..examples.len()).collect();
+    order.sort_by_key(|&i| (len(i), i));
+    let mut batches: Vec<Vec<usize>> = Vec::new();
+    let mut current: Vec<usize> = Vec::new();
+    for i in order {
+        // Sorted ascending, so the newest row is the longest.
+        if !current.is_empty() && (current.len() + 1) * len(i) > max_tokens {
+            batches.push(std::mem::take(&mut current));
+        }
+        current.push(i);
+    }
+    if !current.is_empty() {
+        batches.push(current);
+    }
+    batches
+}
+
+/// What a trainer saves besides weights and moments.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TrainerState {
+    config: TrainConfig,
+    adam_steps: u64,
+    epochs: u64,
+    data_rng: Pcg64,
+    dropout_rng: Pcg64,
+}
+
+pub struct Trainer {
+    pub model: Model,
+    pub config: TrainConfig,
+    pub adam: Adam,
+    /// Completed epochs.
+    pub epochs: u64,
+    data_rng: Pcg64,
+    dropout_rng: Pcg64,
+}
+
+impl Trainer {
+    pub fn new(model: Model, config: TrainConfig) -> Result<Self> {
+        let adam = Adam::new(&model.vars, config.lr)?;
+        // Two streams from one seed: data order, and dropout masks.
+        let data_rng = Pcg64::new(config.seed as u128, 0xda7a);
+        let dropout_rng = Pcg64::new(config.seed as u128, 0xd209);
+        Ok(Trainer {
+            model,
+            config,
+            adam,
+            epochs: 0,
+            data_rng,
+            dropout_rng,
+        })
+    }
+
+    /// One optimiser step on `batch`; returns its mean token loss.
+    pub fn step(&mut self, batch: &[&Example]) -> Result<f32> {
+        let total_tokens: usize = batch.iter().map(|(_, target)| target.len()).sum();
+        let device = self.model.t5.device().clone();
+        let rate = if self.config.dropout {
+            self.model.config().dropout_rate
+        } else {
+            0.0
+        };
+        let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
+        let mut loss = 0f32;
+        for micro in micro_batches(batch, self.config.max_tokens_per_micro_batch) {
+            let inputs: Vec<Vec<u32>> = micro.iter().map(|&i| batch[i].0.clone()).collect();
+            let targets: Vec<Vec<u32>> = micro.iter().map(|&i| batch[i].1.clone()).collect();
+            let micro_batch = Seq2SeqBatch::new(&inputs, &targets, &device)?;
+            let mut dropout = Dropout::new(rate, self.dropout_rng.clone());
+            let micro_loss =
+                (self.model.t5.loss_sum(&micro_batch, &mut dropout)? / total_tokens as f64)?;
+            self.dropout_rng = dropout.rng().expect("dropout on").clone();
+            loss += micro_loss.to_scalar::<f32>()?;
+            let store = micro_loss.backward()?;
+            for (name, var) in &self.model.vars {
+                if let Some(grad) = store.get(var.as_tensor()) {
+                    let sum = match grads.remove(name) {
+                        Some(acc) => (acc + grad)?,
+                        None => grad.clone(),
+                    };
+                    grads.insert(name.clone(), sum);
+                }
+            }
+        }
+        self.adam.step(&self.model.vars, &grads)?;
+        Ok(loss)
+    }
+
+    /// One pass over `data` in a fresh random order, in batches of
+    /// `batch_size` (the last one may be smaller). Returns the mean of the
+    /// step losses.
+    pub fn epoch(&mut self, data: &[Example]) -> Result<f32> {
+        let mut order: Vec<usize> = (0..data.len()).collect();
+        order.shuffle(&mut self.data_rng);
+        let mut loss_sum = 0.0;
+        let chunks: Vec<&[usize]> = order.chunks(self.config.batch_size.max(1)).collect();
+        for chunk in &chunks {
+            let batch: Vec<&Example> = chunk.iter().map(|&i| &data[i]).collect();
+            loss_sum += self.step(&batch)?;
+        }
+        self.epochs += 1;
+        Ok(loss_sum / chunks.len().max(1) as f32)
+    }
+
+    /// Writes a checkpoint directory: config.json and model.safetensors (a
+    /// Hugging Face checkpoint), optimizer.safetensors, trainer.json and
+    /// manifest.sha256. It is built in `DIR.partial` and renamed into place,
+    /// so `dir` is always either absent or complete.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let partial = PathBuf::from(format!("{}.partial", dir.display()));
+        let _ = std::fs::remove_dir_all(&partial);
+        std::fs::create_dir_all(&partial).map_err(|e| Error::io(&partial, e))?;
+        let mut manifest = Manifest::default();
+        self.model.save(&partial, &mut manifest)?;
+
+        let mut moments: Vec<(String, Tensor)> = Vec::new();
+        for (name, (m, v, master)) in &self.adam.state {
+            moments.push((format!("m.{name}"), m.clone()));
+            moments.push((format!("v.{name}"), v.clone()));
+            if let Some(master) = master {
+                moments.push((format!("master.{name}"), master.clone()));
+            }
+        }
+        let path = partial.join(OPTIMIZER_FILE);
+        let bytes = crate::weights::serialize_tensors(moments.iter().map(|(n, t)| (n, t)), &path)?;
+        manifest.write_file(&partial, OPTIMIZER_FILE, &bytes)?;
+
+        let state = TrainerState {
+            config: self.config.clone(),
+            adam_steps: self.adam.steps,
+            epochs: self.epochs,
+            data_rng: self.data_rng.clone(),
+            dropout_rng: self.dropout_rng.clone(),
+        };
+        manifest.write_file(
+            &partial,
+            TRAINER_FILE,
+            &serde_json::to_vec_pretty(&state).expect("serialises"),
+        )?;
+        manifest.save(&partial)?;
+        if dir.exists() {
+            std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        }
+        std::fs::rename(&partial, dir).map_err(|e| Error::io(dir, e))
+    }
+
+    /// Loads a checkpoint written by `save`, checking every file against the
+    /// manifest first.
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let manifest = Manifest::load(dir)?;
+        let read_checked = |name: &str| -> Result<Vec<u8>> {
+            let bytes = crate::files::read(&dir.join(name))?;
+            manifest.verify_bytes(dir, name, &bytes)?;
+            Ok(bytes)
+        };
+        let config_path = dir.join(crate::weights::CONFIG_FILE);
+        read_checked(crate::weights::CONFIG_FILE)?;
+        let model_cfg = crate::weights::read_config(&config_path)?;
+        let weights =
+            candle_core::safetensors::load_buffer(&read_checked(WEIGHTS_FILE)?, &Device::Cpu)?;
+        let model = Model::from_tensors(&model_cfg, weights, &dir.join(WEIGHTS_FILE), device)?;
+
+        let trainer_path = dir.join(TRAINER_FILE);
+        let state: TrainerState = serde_json::from_slice(&read_checked(TRAINER_FILE)?)
+            .map_err(|e| Error::format(&trainer_path, format!("is not a trainer state: {e}")))?;
+        let mut trainer = Trainer::new(model, state.config)?;
+        trainer.adam.steps = state.adam_steps;
+        trainer.epochs = state.epochs;
+        trainer.data_rng = state.data_rng;
+        trainer.dropout_rng = state.dropout_rng;
+
+        let optimizer_path = dir.join(OPTIMIZER_FILE);
+        let mut moments =
+            candle_core::safetensors::load_buffer(&read_checked(OPTIMIZER_FILE)?, device)?;
+        for (name, (m, v, master)) in trainer.adam.state.iter_mut() {
+            let mut take = |prefix: &str| {
+                moments.remove(&format!("{prefix}.{name}")).ok_or_else(|| {
+                    Error::format(&optimizer_path, format!("has no tensor {prefix}.{name}"))
+                })
+            };
+            *m = take("m")?;
+            *v = take("v")?;
+            if master.is_some() {
+                *master = Some(take("master")?);
+            }
+        }
+        Ok(trainer)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn micro_batches_group_by_length_within_budget() {
+        let ex = |n: usize| (vec![5; n], vec![6; 2]);
+        let examples: Vec<Example> = [10, 3, 8, 3, 9, 2].iter().map(|&n| ex(n)).collect();
+        let refs: Vec<&Example> = examples.iter().collect();
+        let batches = micro_batches(&refs, 24);
+        // Lengths (input + target): 12, 5, 10, 5, 11, 4.
+        assert_eq!(batches, vec![vec![5, 1, 3], vec![2, 4], vec![0]]);
+        let all: usize = batches.iter().map(Vec::len).sum();
+        assert_eq!(all, examples.len());
+    }
+
+    #[test]
+    fn a_row_longer_than_the_budget_still_gets_a_batch() {
+        let examples = [(vec![5; 50], vec![6; 50])];
+        let refs: Vec<&Example> = examples.iter().collect();
+        assert_eq!(micro_batches(&refs, 10), vec![vec![0]]);
+    }
+}
