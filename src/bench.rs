@@ -7,7 +7,7 @@ use crate::generate::{greedy, GreedyOptions};
 use crate::model::T5Config;
 use crate::train::{Example, TrainConfig, Trainer};
 use crate::weights::Model;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_pcg::Pcg64;
 use std::time::Instant;
@@ -40,62 +40,31 @@ impl Case {
 }
 
 const CASES: [Case; 6] = [
-    Case {
-        preset: "cpu-small",
-        batch: 32,
-        kind: Kind::Train { tgt_len: 300 },
-    },
-    Case {
-        preset: "cpu-small",
-        batch: 128,
-        kind: Kind::Train { tgt_len: 16 },
-    },
-    Case {
-        preset: "cpu-small",
-        batch: 256,
-        kind: Kind::Decode,
-    },
-    Case {
-        preset: "cpu-small",
-        batch: 32,
-        kind: Kind::Decode,
-    },
-    Case {
-        preset: "cpu-medium",
-        batch: 32,
-        kind: Kind::Train { tgt_len: 300 },
-    },
-    Case {
-        preset: "cpu-medium",
-        batch: 32,
-        kind: Kind::Decode,
-    },
+    Case { preset: "cpu-small", batch: 32, kind: Kind::Train { tgt_len: 300 } },
+    Case { preset: "cpu-small", batch: 128, kind: Kind::Train { tgt_len: 16 } },
+    Case { preset: "cpu-small", batch: 256, kind: Kind::Decode },
+    Case { preset: "cpu-small", batch: 32, kind: Kind::Decode },
+    Case { preset: "cpu-medium", batch: 32, kind: Kind::Train { tgt_len: 300 } },
+    Case { preset: "cpu-medium", batch: 32, kind: Kind::Decode },
 ];
 
 pub fn run(reps: usize, filter: &str) -> crate::Result<()> {
     let reps = reps.max(1);
     let threads = candle_core::utils::get_num_threads();
     let peak = matmul_flops_per_s(reps)?;
-    println!(
-        "f32 matmul peak (2048x2048x2048, {threads} threads): {:.1} GFLOP/s\n",
-        peak / 1e9
-    );
+    println!("f32 matmul peak (2048x2048x2048, {threads} threads): {:.1} GFLOP/s\n", peak / 1e9);
     println!("| case | params | tokens/s | GFLOP/s | of matmul peak |");
     println!("|---|---:|---:|---:|---:|");
     for case in CASES.iter().filter(|c| c.name().contains(filter)) {
         let cfg = T5Config::preset(case.preset).expect("bench presets exist");
-        let model = Model::random(&cfg, 0, &Device::Cpu)?;
+        let model = Model::random(&cfg, 0, &Device::Cpu, DType::F32)?;
         let mut rng = Pcg64::seed_from_u64(1);
-        let tokens = |rng: &mut Pcg64, len: usize| -> Vec<u32> {
-            (0..len).map(|_| rng.random_range(3..259)).collect()
-        };
+        let tokens = |rng: &mut Pcg64, len: usize| -> Vec<u32> { (0..len).map(|_| rng.random_range(3..259)).collect() };
         let inputs: Vec<Vec<u32>> = (0..case.batch).map(|_| tokens(&mut rng, SRC_LEN)).collect();
         let (seconds, tokens_per_run, flops_per_run) = match case.kind {
             Kind::Train { tgt_len } => {
-                let examples: Vec<Example> = inputs
-                    .into_iter()
-                    .map(|input| (input, tokens(&mut rng, tgt_len)))
-                    .collect();
+                let examples: Vec<Example> =
+                    inputs.into_iter().map(|input| (input, tokens(&mut rng, tgt_len))).collect();
                 let batch: Vec<&Example> = examples.iter().collect();
                 let config = TrainConfig {
                     batch_size: case.batch,
@@ -104,24 +73,12 @@ pub fn run(reps: usize, filter: &str) -> crate::Result<()> {
                 };
                 let mut trainer = Trainer::new(model, config)?;
                 let seconds = median_seconds(reps, || trainer.step(&batch).map(|_| ()))?;
-                (
-                    seconds,
-                    case.batch * tgt_len,
-                    3.0 * forward_flops(&cfg, case.batch, SRC_LEN, tgt_len),
-                )
+                (seconds, case.batch * tgt_len, 3.0 * forward_flops(&cfg, case.batch, SRC_LEN, tgt_len))
             }
             Kind::Decode => {
-                let opts = GreedyOptions {
-                    max_new_tokens: NEW_TOKENS,
-                    stop_at_eos: false,
-                };
-                let seconds =
-                    median_seconds(reps, || Ok(greedy(&model.t5, &inputs, opts).map(|_| ())?))?;
-                (
-                    seconds,
-                    case.batch * NEW_TOKENS,
-                    decode_flops(&cfg, case.batch, SRC_LEN, NEW_TOKENS),
-                )
+                let opts = GreedyOptions { max_new_tokens: NEW_TOKENS, stop_at_eos: false };
+                let seconds = median_seconds(reps, || Ok(greedy(&model.t5, &inputs, opts).map(|_| ())?))?;
+                (seconds, case.batch * NEW_TOKENS, decode_flops(&cfg, case.batch, SRC_LEN, NEW_TOKENS))
             }
         };
         let flops_per_s = flops_per_run / seconds;
@@ -154,13 +111,8 @@ fn median_seconds(reps: usize, mut f: impl FnMut() -> crate::Result<()>) -> crat
 fn matmul_flops_per_s(reps: usize) -> crate::Result<f64> {
     const N: usize = 2048;
     let mut rng = Pcg64::seed_from_u64(2);
-    let mut random = || {
-        Tensor::from_vec(
-            (0..N * N).map(|_| rng.random::<f32>()).collect::<Vec<_>>(),
-            (N, N),
-            &Device::Cpu,
-        )
-    };
+    let mut random =
+        || Tensor::from_vec((0..N * N).map(|_| rng.random::<f32>()).collect::<Vec<_>>(), (N, N), &Device::Cpu);
     let (a, b) = (random()?, random()?);
     let seconds = median_seconds(reps, || Ok(a.matmul(&b).map(|_| ())?))?;
     Ok(2.0 * (N * N * N) as f64 / seconds)
@@ -183,9 +135,7 @@ pub fn forward_flops(cfg: &T5Config, batch: usize, src: usize, tgt: usize) -> f6
         + 2.0 * linear(b * s, d, inner)
         + attention(t, s)
         + ff(b * t);
-    cfg.num_layers as f64 * encoder_layer
-        + cfg.decoder_layers() as f64 * decoder_layer
-        + linear(b * t, d, v)
+    cfg.num_layers as f64 * encoder_layer + cfg.decoder_layers() as f64 * decoder_layer + linear(b * t, d, v)
 }
 
 /// Matmul FLOPs of encoding `src` tokens and decoding `new` tokens one at a
@@ -193,11 +143,7 @@ pub fn forward_flops(cfg: &T5Config, batch: usize, src: usize, tgt: usize) -> f6
 /// keys and values) plus, per step, one decoder row per batch element.
 fn decode_flops(cfg: &T5Config, batch: usize, src: usize, new: usize) -> f64 {
     let full = forward_flops(cfg, batch, src, 1);
-    let (b, d, inner) = (
-        batch as f64,
-        cfg.d_model as f64,
-        (cfg.num_heads * cfg.d_kv) as f64,
-    );
+    let (b, d, inner) = (batch as f64, cfg.d_model as f64, (cfg.num_heads * cfg.d_kv) as f64);
     let per_step = |past: f64| {
         let linear = |i: f64, o: f64| 2.0 * b * i * o;
         let layer = 4.0 * linear(d, inner)

@@ -9,11 +9,7 @@ use std::io::BufRead;
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(
-    name = "sector",
-    version,
-    about = "SECToR reproduction: ByT5 teaches itself addition"
-)]
+#[command(name = "sector", version, about = "SECToR reproduction: ByT5 teaches itself addition")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -53,13 +49,7 @@ enum Command {
 
 pub fn run() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Generate {
-            model,
-            prompt,
-            prompts,
-            max_new_tokens,
-            device,
-        } => {
+        Command::Generate { model, prompt, prompts, max_new_tokens, device } => {
             let prompts = match prompts {
                 Some(path) => read_prompts(&path)?,
                 None => prompt,
@@ -83,8 +73,7 @@ fn read_prompts(path: &PathBuf) -> anyhow::Result<Vec<String>> {
     let reader: Box<dyn BufRead> = if path.as_os_str() == "-" {
         Box::new(std::io::stdin().lock())
     } else {
-        let file = std::fs::File::open(path)
-            .with_context(|| format!("cannot open prompts file {}", path.display()))?;
+        let file = std::fs::File::open(path).with_context(|| format!("cannot open prompts file {}", path.display()))?;
         Box::new(std::io::BufReader::new(file))
     };
     reader
@@ -127,9 +116,6 @@ mod tests {
         for text in ["Add fast.\nQ: 1 + 2 = ?", "a\\nb", "back\\", "x\\\ny"] {
             assert_eq!(unescape(&escape(text)), text);
         }
-        assert_eq!(
-            unescape("Add fast.\\nQ: 1 + 2 = ?"),
-            "Add fast.\nQ: 1 + 2 = ?"
-        );
+        assert_eq!(unescape("Add fast.\\nQ: 1 + 2 = ?"), "Add fast.\nQ: 1 + 2 = ?");
     }
 }

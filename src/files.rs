@@ -56,29 +56,21 @@ impl Manifest {
 
     /// Writes `dir/manifest.sha256`.
     pub fn save(&self, dir: &Path) -> Result<()> {
-        let text: String = self
-            .entries
-            .iter()
-            .map(|(name, hash)| format!("{hash}  {name}\n"))
-            .collect();
+        let text: String = self.entries.iter().map(|(name, hash)| format!("{hash}  {name}\n")).collect();
         write_atomic(&dir.join(MANIFEST), text.as_bytes())
     }
 
     /// Reads `dir/manifest.sha256`.
     pub fn load(dir: &Path) -> Result<Self> {
         let path = dir.join(MANIFEST);
-        let text =
-            String::from_utf8(read(&path)?).map_err(|_| Error::format(&path, "is not UTF-8"))?;
+        let text = String::from_utf8(read(&path)?).map_err(|_| Error::format(&path, "is not UTF-8"))?;
         let mut entries = BTreeMap::new();
         for (i, line) in text.lines().enumerate() {
             let parsed = line.split_once("  ").filter(|(hash, name)| {
                 hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit()) && !name.is_empty()
             });
             let Some((hash, name)) = parsed else {
-                return Err(Error::format(
-                    &path,
-                    format!("line {} is not `<64 hex digits>  <file>`: {line:?}", i + 1),
-                ));
+                return Err(Error::format(&path, format!("line {} is not `<64 hex digits>  <file>`: {line:?}", i + 1)));
             };
             entries.insert(name.to_string(), hash.to_ascii_lowercase());
         }
@@ -98,19 +90,11 @@ impl Manifest {
     pub fn verify_bytes(&self, dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
         let path = dir.join(name);
         let Some(expected) = self.entries.get(name) else {
-            return Err(Error::format(
-                dir.join(MANIFEST),
-                format!("does not list {name}"),
-            ));
+            return Err(Error::format(dir.join(MANIFEST), format!("does not list {name}")));
         };
         let actual = sha256_hex(bytes);
         if &actual != expected {
-            return Err(Error::HashMismatch {
-                path,
-                manifest: dir.join(MANIFEST),
-                expected: expected.clone(),
-                actual,
-            });
+            return Err(Error::HashMismatch { path, manifest: dir.join(MANIFEST), expected: expected.clone(), actual });
         }
         Ok(())
     }
@@ -122,10 +106,7 @@ mod tests {
 
     #[test]
     fn sha256_of_abc() {
-        assert_eq!(
-            sha256_hex(b"abc"),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
+        assert_eq!(sha256_hex(b"abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
     }
 
     #[test]
@@ -148,9 +129,6 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(MANIFEST), "not a manifest line\n").unwrap();
         let err = Manifest::load(dir.path()).unwrap_err().to_string();
-        assert!(
-            err.contains("manifest.sha256") && err.contains("line 1"),
-            "{err}"
-        );
+        assert!(err.contains("manifest.sha256") && err.contains("line 1"), "{err}");
     }
 }

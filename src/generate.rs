@@ -15,10 +15,7 @@ pub struct GreedyOptions {
 
 impl GreedyOptions {
     pub fn new(max_new_tokens: usize) -> Self {
-        GreedyOptions {
-            max_new_tokens,
-            stop_at_eos: true,
-        }
+        GreedyOptions { max_new_tokens, stop_at_eos: true }
     }
 }
 
@@ -41,11 +38,7 @@ pub fn greedy(model: &T5, inputs: &[Vec<u32>], opts: GreedyOptions) -> Result<Ve
     for _ in 0..opts.max_new_tokens {
         let ids = Tensor::from_vec(next, (active.len(), 1), device)?;
         let logits = model.decode(&ids, &mut state, &mut Dropout::off())?; // (rows, 1, vocab)
-        let tokens: Vec<u32> = logits
-            .squeeze(1)?
-            .to_dtype(DType::F32)?
-            .argmax(D::Minus1)?
-            .to_vec1()?;
+        let tokens: Vec<u32> = logits.squeeze(1)?.to_dtype(DType::F32)?.argmax(D::Minus1)?.to_vec1()?;
         let mut keep = Vec::with_capacity(active.len());
         next = Vec::with_capacity(active.len());
         for (i, (&row, &token)) in active.iter().zip(&tokens).enumerate() {
@@ -68,13 +61,7 @@ pub fn greedy(model: &T5, inputs: &[Vec<u32>], opts: GreedyOptions) -> Result<Ve
 
 /// Greedy decoding of text prompts, returning text.
 pub fn greedy_text(model: &T5, prompts: &[String], max_new_tokens: usize) -> Result<Vec<String>> {
-    let inputs: Vec<Vec<u32>> = prompts
-        .iter()
-        .map(|p| crate::tokenizer::encode(p))
-        .collect();
+    let inputs: Vec<Vec<u32>> = prompts.iter().map(|p| crate::tokenizer::encode(p)).collect();
     let outputs = greedy(model, &inputs, GreedyOptions::new(max_new_tokens))?;
-    Ok(outputs
-        .iter()
-        .map(|ids| crate::tokenizer::decode(ids))
-        .collect())
+    Ok(outputs.iter().map(|ids| crate::tokenizer::decode(ids)).collect())
 }

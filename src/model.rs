@@ -183,13 +183,7 @@ impl T5Config {
         })
     }
 
-    pub const PRESETS: [&'static str; 5] = [
-        "byt5-small",
-        "byt5-base",
-        "cpu-tiny",
-        "cpu-small",
-        "cpu-medium",
-    ];
+    pub const PRESETS: [&'static str; 5] = ["byt5-small", "byt5-base", "cpu-tiny", "cpu-small", "cpu-medium"];
 
     pub fn decoder_layers(&self) -> usize {
         self.num_decoder_layers.unwrap_or(self.num_layers)
@@ -200,23 +194,14 @@ impl T5Config {
         if self.feed_forward_proj != "gated-gelu" {
             return Some((
                 "feed_forward_proj",
-                format!(
-                    "is {:?}; only \"gated-gelu\" (T5 v1.1 / ByT5) is implemented",
-                    self.feed_forward_proj
-                ),
+                format!("is {:?}; only \"gated-gelu\" (T5 v1.1 / ByT5) is implemented", self.feed_forward_proj),
             ));
         }
         if self.tie_word_embeddings {
-            return Some((
-                "tie_word_embeddings",
-                "is true; ByT5 has an untied lm_head, set it to false".into(),
-            ));
+            return Some(("tie_word_embeddings", "is true; ByT5 has an untied lm_head, set it to false".into()));
         }
         if self.relative_attention_num_buckets < 4 {
-            return Some((
-                "relative_attention_num_buckets",
-                "must be at least 4".into(),
-            ));
+            return Some(("relative_attention_num_buckets", "must be at least 4".into()));
         }
         None
     }
@@ -235,12 +220,7 @@ impl T5Config {
 
 /// T5's relative position bucket of `key - query` (transformers'
 /// `_relative_position_bucket`, including its f32 arithmetic for far offsets).
-pub fn relative_position_bucket(
-    relative: i64,
-    bidirectional: bool,
-    num_buckets: usize,
-    max_distance: usize,
-) -> u32 {
+pub fn relative_position_bucket(relative: i64, bidirectional: bool, num_buckets: usize, max_distance: usize) -> u32 {
     let (mut num_buckets, mut bucket) = (num_buckets as i64, 0i64);
     let distance = if bidirectional {
         num_buckets /= 2;
@@ -255,8 +235,8 @@ pub fn relative_position_bucket(
     bucket += if distance < max_exact {
         distance
     } else {
-        let log_ratio = (distance as f32 / max_exact as f32).ln()
-            / (max_distance as f64 / max_exact as f64).ln() as f32;
+        let log_ratio =
+            (distance as f32 / max_exact as f32).ln() / (max_distance as f64 / max_exact as f64).ln() as f32;
         let large = max_exact + (log_ratio * (num_buckets - max_exact) as f32) as i64;
         large.min(num_buckets - 1)
     };
@@ -272,17 +252,11 @@ pub struct Dropout {
 
 impl Dropout {
     pub fn off() -> Self {
-        Dropout {
-            rate: 0.0,
-            rng: None,
-        }
+        Dropout { rate: 0.0, rng: None }
     }
 
     pub fn new(rate: f64, rng: Pcg64) -> Self {
-        Dropout {
-            rate,
-            rng: Some(rng),
-        }
+        Dropout { rate, rng: Some(rng) }
     }
 
     /// The generator's state, to be saved with a checkpoint.
@@ -295,15 +269,8 @@ impl Dropout {
             return Ok(xs.clone());
         };
         let keep = 1.0 / (1.0 - self.rate) as f32;
-        let mask: Vec<f32> = (0..xs.elem_count())
-            .map(|_| {
-                if rng.random::<f64>() < self.rate {
-                    0.0
-                } else {
-                    keep
-                }
-            })
-            .collect();
+        let mask: Vec<f32> =
+            (0..xs.elem_count()).map(|_| if rng.random::<f64>() < self.rate { 0.0 } else { keep }).collect();
         let mask = Tensor::from_vec(mask, xs.shape(), xs.device())?.to_dtype(xs.dtype())?;
         xs * mask
     }
@@ -318,15 +285,12 @@ struct RmsNorm {
 
 impl RmsNorm {
     fn new(vb: VarBuilder, cfg: &T5Config) -> Result<Self> {
-        Ok(RmsNorm {
-            weight: vb.get(cfg.d_model, "weight")?,
-            eps: cfg.layer_norm_epsilon,
-        })
+        Ok(RmsNorm { weight: vb.get(cfg.d_model, "weight")?, eps: cfg.layer_norm_epsilon })
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let dtype = xs.dtype();
-        let xs = xs.to_dtype(DType::F32)?;
+        let xs = at_least_f32(xs)?;
         let mean_square = xs.sqr()?.mean_keepdim(D::Minus1)?; // (b, t, 1)
         let normed = xs.broadcast_div(&(mean_square + self.eps)?.sqrt()?)?;
         normed.to_dtype(dtype)?.broadcast_mul(&self.weight)
@@ -360,38 +324,24 @@ impl Attention {
     /// (b, t, heads * d_kv) -> (b, heads, t, d_kv)
     fn split_heads(&self, xs: &Tensor) -> Result<Tensor> {
         let (b, t, _) = xs.dims3()?;
-        xs.reshape((b, t, self.num_heads, self.d_kv))?
-            .transpose(1, 2)?
-            .contiguous()
+        xs.reshape((b, t, self.num_heads, self.d_kv))?.transpose(1, 2)?.contiguous()
     }
 
     /// Keys and values of `xs` (b, t, d_model), each (b, heads, t, d_kv).
     fn keys_values(&self, xs: &Tensor) -> Result<(Tensor, Tensor)> {
-        Ok((
-            self.split_heads(&self.k.forward(xs)?)?,
-            self.split_heads(&self.v.forward(xs)?)?,
-        ))
+        Ok((self.split_heads(&self.k.forward(xs)?)?, self.split_heads(&self.v.forward(xs)?)?))
     }
 
     /// Queries from `xs` (b, tq, d_model) attend to `keys`/`values`
     /// (b, heads, tk, d_kv); `bias` broadcasts to (b, heads, tq, tk) and holds
     /// the position bias and the masks. Returns (b, tq, d_model).
-    fn attend(
-        &self,
-        xs: &Tensor,
-        keys: &Tensor,
-        values: &Tensor,
-        bias: &Tensor,
-        drop: &mut Dropout,
-    ) -> Result<Tensor> {
+    fn attend(&self, xs: &Tensor, keys: &Tensor, values: &Tensor, bias: &Tensor, drop: &mut Dropout) -> Result<Tensor> {
         let (b, tq, _) = xs.dims3()?;
         let q = self.split_heads(&self.q.forward(xs)?)?; // (b, h, tq, d_kv)
         let scores = q.matmul(&keys.t()?)?.broadcast_add(bias)?; // (b, h, tq, tk)
         let weights = drop.apply(&candle_nn::ops::softmax(&scores, D::Minus1)?)?;
         let out = weights.matmul(values)?; // (b, h, tq, d_kv)
-        let out = out
-            .transpose(1, 2)?
-            .reshape((b, tq, self.num_heads * self.d_kv))?;
+        let out = out.transpose(1, 2)?.reshape((b, tq, self.num_heads * self.d_kv))?;
         self.o.forward(&out)
     }
 }
@@ -433,10 +383,7 @@ impl Block {
         let ff_layer = if is_decoder { 2 } else { 1 };
         let cross_attn = if is_decoder {
             let vb = vb.pp("layer.1");
-            Some((
-                Attention::new(vb.pp("EncDecAttention"), cfg)?,
-                RmsNorm::new(vb.pp("layer_norm"), cfg)?,
-            ))
+            Some((Attention::new(vb.pp("EncDecAttention"), cfg)?, RmsNorm::new(vb.pp("layer_norm"), cfg)?))
         } else {
             None
         };
@@ -464,11 +411,7 @@ struct Stack {
 
 impl Stack {
     fn new(vb: VarBuilder, cfg: &T5Config, is_decoder: bool) -> Result<Self> {
-        let num_layers = if is_decoder {
-            cfg.decoder_layers()
-        } else {
-            cfg.num_layers
-        };
+        let num_layers = if is_decoder { cfg.decoder_layers() } else { cfg.num_layers };
         let blocks = (0..num_layers)
             .map(|i| Block::new(vb.pp(format!("block.{i}")), cfg, is_decoder))
             .collect::<Result<Vec<_>>>()?;
@@ -497,17 +440,8 @@ impl Stack {
         for q in offset..k_len {
             for k in 0..k_len {
                 let relative = k as i64 - q as i64;
-                buckets.push(relative_position_bucket(
-                    relative,
-                    !self.is_decoder,
-                    self.num_buckets,
-                    self.max_distance,
-                ));
-                future.push(if self.is_decoder && k > q {
-                    MASKED as f32
-                } else {
-                    0.0
-                });
+                buckets.push(relative_position_bucket(relative, !self.is_decoder, self.num_buckets, self.max_distance));
+                future.push(if self.is_decoder && k > q { MASKED as f32 } else { 0.0 });
             }
         }
         let buckets = Tensor::from_vec(buckets, q_len * k_len, device)?;
@@ -518,12 +452,19 @@ impl Stack {
     }
 }
 
+/// Half-precision tensors in f32; f32 and f64 as they are. Norm statistics
+/// and the loss are computed in this precision.
+fn at_least_f32(xs: &Tensor) -> Result<Tensor> {
+    match xs.dtype() {
+        DType::BF16 | DType::F16 => xs.to_dtype(DType::F32),
+        _ => Ok(xs.clone()),
+    }
+}
+
 /// (b, len) padding mask of 1s and 0s -> (b, 1, 1, len) additive bias.
 fn padding_bias(mask: &Tensor, dtype: DType) -> Result<Tensor> {
     let (b, len) = mask.dims2()?;
-    mask.affine(-MASKED, MASKED)?
-        .to_dtype(dtype)?
-        .reshape((b, 1, 1, len))
+    mask.affine(-MASKED, MASKED)?.to_dtype(dtype)?.reshape((b, 1, 1, len))
 }
 
 /// What the decoder needs besides its new tokens: the encoder's keys and
@@ -543,8 +484,7 @@ pub struct DecoderState {
 impl DecoderState {
     /// Keeps only the given batch rows (finished rows leave a decoding batch).
     pub fn select_rows(&mut self, rows: &Tensor) -> Result<()> {
-        let select =
-            |(k, v): &(Tensor, Tensor)| Ok((k.index_select(rows, 0)?, v.index_select(rows, 0)?));
+        let select = |(k, v): &(Tensor, Tensor)| Ok((k.index_select(rows, 0)?, v.index_select(rows, 0)?));
         self.cross = self.cross.iter().map(select).collect::<Result<_>>()?;
         self.cross_bias = self.cross_bias.index_select(rows, 0)?;
         for past in self.past.iter_mut().flatten() {
@@ -576,12 +516,7 @@ impl Seq2SeqBatch {
         let labels = pad_batch(targets, device)?;
         let shifted: Vec<Vec<u32>> = targets
             .iter()
-            .map(|t| {
-                std::iter::once(DECODER_START)
-                    .chain(t.iter().copied())
-                    .take(t.len())
-                    .collect()
-            })
+            .map(|t| std::iter::once(DECODER_START).chain(t.iter().copied()).take(t.len()).collect())
             .collect();
         Ok(Seq2SeqBatch {
             input_ids: input.ids,
@@ -630,12 +565,7 @@ impl T5 {
     }
 
     /// input_ids (b, src_len) u32, input_mask (b, src_len) -> (b, src_len, d_model).
-    pub fn encode(
-        &self,
-        input_ids: &Tensor,
-        input_mask: &Tensor,
-        drop: &mut Dropout,
-    ) -> Result<Tensor> {
+    pub fn encode(&self, input_ids: &Tensor, input_mask: &Tensor, drop: &mut Dropout) -> Result<Tensor> {
         let src_len = input_ids.dim(1)?;
         let bias = self
             .encoder
@@ -659,14 +589,7 @@ impl T5 {
             .decoder
             .blocks
             .iter()
-            .map(|block| {
-                block
-                    .cross_attn
-                    .as_ref()
-                    .expect("decoder block")
-                    .0
-                    .keys_values(encoded)
-            })
+            .map(|block| block.cross_attn.as_ref().expect("decoder block").0.keys_values(encoded))
             .collect::<Result<Vec<_>>>()?;
         Ok(DecoderState {
             cross,
@@ -680,16 +603,9 @@ impl T5 {
     /// `state` has seen, and returns their logits (b, t, vocab). Teacher
     /// forcing passes the whole shifted target at once; greedy decoding passes
     /// one token per call. Both go through this one function.
-    pub fn decode(
-        &self,
-        ids: &Tensor,
-        state: &mut DecoderState,
-        drop: &mut Dropout,
-    ) -> Result<Tensor> {
+    pub fn decode(&self, ids: &Tensor, state: &mut DecoderState, drop: &mut Dropout) -> Result<Tensor> {
         let new_len = ids.dim(1)?;
-        let self_bias = self
-            .decoder
-            .self_attention_bias(new_len, state.len, self.device())?; // (1, h, t, len + t)
+        let self_bias = self.decoder.self_attention_bias(new_len, state.len, self.device())?; // (1, h, t, len + t)
         let mut xs = drop.apply(&self.shared.forward(ids)?)?;
         for (i, block) in self.decoder.blocks.iter().enumerate() {
             let normed = block.self_attn_norm.forward(&xs)?;
@@ -704,13 +620,7 @@ impl T5 {
 
             let (cross_attn, cross_norm) = block.cross_attn.as_ref().expect("decoder block");
             let (cross_k, cross_v) = &state.cross[i];
-            let attended = cross_attn.attend(
-                &cross_norm.forward(&xs)?,
-                cross_k,
-                cross_v,
-                &state.cross_bias,
-                drop,
-            )?;
+            let attended = cross_attn.attend(&cross_norm.forward(&xs)?, cross_k, cross_v, &state.cross_bias, drop)?;
             xs = (&xs + drop.apply(&attended)?)?;
             let transformed = block.ff.forward(&block.ff_norm.forward(&xs)?, drop)?;
             xs = (&xs + drop.apply(&transformed)?)?;
@@ -728,14 +638,12 @@ impl T5 {
     }
 
     /// Sum of the token cross-entropies over the batch's non-pad targets, as
-    /// an f32 scalar. Divide by the number of target tokens for the mean.
+    /// a scalar of at least f32 precision. Divide by the number of target tokens for the mean.
     pub fn loss_sum(&self, batch: &Seq2SeqBatch, drop: &mut Dropout) -> Result<Tensor> {
-        let logits = self.forward(batch, drop)?.to_dtype(DType::F32)?;
+        let logits = at_least_f32(&self.forward(batch, drop)?)?;
         let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?; // (b, t, vocab)
-        let target_log_probs = log_probs
-            .gather(&batch.labels.unsqueeze(2)?, 2)?
-            .squeeze(2)?; // (b, t)
-        (target_log_probs * &batch.label_mask)?.sum_all()?.neg()
+        let target_log_probs = log_probs.gather(&batch.labels.unsqueeze(2)?, 2)?.squeeze(2)?; // (b, t)
+        (&target_log_probs * batch.label_mask.to_dtype(target_log_probs.dtype())?)?.sum_all()?.neg()
     }
 }
 
@@ -769,19 +677,10 @@ mod tests {
         // Values printed by transformers' T5Attention._relative_position_bucket
         // with 32 buckets and max distance 128.
         let bi = |r| relative_position_bucket(r, true, 32, 128);
-        assert_eq!(
-            [bi(0), bi(1), bi(-1), bi(7), bi(-7), bi(8), bi(-8)],
-            [0, 17, 1, 23, 7, 24, 8]
-        );
-        assert_eq!(
-            [bi(-20), bi(20), bi(-127), bi(-128), bi(-1000)],
-            [10, 26, 15, 15, 15]
-        );
+        assert_eq!([bi(0), bi(1), bi(-1), bi(7), bi(-7), bi(8), bi(-8)], [0, 17, 1, 23, 7, 24, 8]);
+        assert_eq!([bi(-20), bi(20), bi(-127), bi(-128), bi(-1000)], [10, 26, 15, 15, 15]);
         let causal = |r| relative_position_bucket(r, false, 32, 128);
-        assert_eq!(
-            [causal(3), causal(0), causal(-1), causal(-15), causal(-16)],
-            [0, 0, 1, 15, 16]
-        );
+        assert_eq!([causal(3), causal(0), causal(-1), causal(-15), causal(-16)], [0, 0, 1, 15, 16]);
         assert_eq!([causal(-40), causal(-127), causal(-500)], [23, 31, 31]);
     }
 
@@ -789,13 +688,7 @@ mod tests {
     fn presets_count_parameters() {
         // transformers reports 299,637,760 for google/byt5-small and
         // 581,653,248 for google/byt5-base.
-        assert_eq!(
-            T5Config::preset("byt5-small").unwrap().num_params(),
-            299_637_760
-        );
-        assert_eq!(
-            T5Config::preset("byt5-base").unwrap().num_params(),
-            581_653_248
-        );
+        assert_eq!(T5Config::preset("byt5-small").unwrap().num_params(), 299_637_760);
+        assert_eq!(T5Config::preset("byt5-base").unwrap().num_params(), 581_653_248);
     }
 }

@@ -17,10 +17,7 @@ pub const DECODER_START: u32 = PAD;
 
 /// Token ids of `text`, followed by eos.
 pub fn encode(text: &str) -> Vec<u32> {
-    text.bytes()
-        .map(|b| b as u32 + BYTE_OFFSET)
-        .chain(std::iter::once(EOS))
-        .collect()
+    text.bytes().map(|b| b as u32 + BYTE_OFFSET).chain(std::iter::once(EOS)).collect()
 }
 
 /// The text of `ids` up to the first eos. Pads are skipped; special and extra
@@ -96,10 +93,7 @@ mod tests {
     fn pad_batch_pads_right_and_masks() -> candle_core::Result<()> {
         let b = pad_batch(&[vec![5, 6, 1], vec![7, 1]], &Device::Cpu)?;
         assert_eq!(b.ids.to_vec2::<u32>()?, vec![vec![5, 6, 1], vec![7, 1, 0]]);
-        assert_eq!(
-            b.mask.to_vec2::<f32>()?,
-            vec![vec![1., 1., 1.], vec![1., 1., 0.]]
-        );
+        assert_eq!(b.mask.to_vec2::<f32>()?, vec![vec![1., 1., 1.], vec![1., 1., 0.]]);
         assert_eq!(b.lengths, vec![3, 2]);
         Ok(())
     }

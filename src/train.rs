@@ -42,13 +42,7 @@ pub struct TrainConfig {
 
 impl Default for TrainConfig {
     fn default() -> Self {
-        TrainConfig {
-            lr: 1e-4,
-            batch_size: 1024,
-            max_tokens_per_micro_batch: 65536,
-            dropout: false,
-            seed: 0,
-        }
+        TrainConfig { lr: 1e-4, batch_size: 1024, max_tokens_per_micro_batch: 65536, dropout: false, seed: 0 }
     }
 }
 
@@ -78,28 +72,16 @@ impl Adam {
                 Ok((name.clone(), (zeros.clone(), zeros, master)))
             })
             .collect::<Result<_>>()?;
-        Ok(Adam {
-            lr,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            steps: 0,
-            state,
-        })
+        Ok(Adam { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, steps: 0, state })
     }
 
     /// One update of every parameter that has a gradient.
-    pub fn step(
-        &mut self,
-        vars: &BTreeMap<String, Var>,
-        grads: &BTreeMap<String, Tensor>,
-    ) -> Result<()> {
+    pub fn step(&mut self, vars: &BTreeMap<String, Var>, grads: &BTreeMap<String, Tensor>) -> Result<()> {
         self.steps += 1;
         let bias1 = 1.0 - self.beta1.powi(self.steps as i32);
         let bias2 = 1.0 - self.beta2.powi(self.steps as i32);
         for (name, var) in vars {
-            let (Some(grad), Some((m, v, master))) = (grads.get(name), self.state.get_mut(name))
-            else {
+            let (Some(grad), Some((m, v, master))) = (grads.get(name), self.state.get_mut(name)) else {
                 continue;
             };
             let grad = grad.to_dtype(DType::F32)?;
@@ -167,25 +149,14 @@ impl Trainer {
         // Two streams from one seed: data order, and dropout masks.
         let data_rng = Pcg64::new(config.seed as u128, 0xda7a);
         let dropout_rng = Pcg64::new(config.seed as u128, 0xd209);
-        Ok(Trainer {
-            model,
-            config,
-            adam,
-            epochs: 0,
-            data_rng,
-            dropout_rng,
-        })
+        Ok(Trainer { model, config, adam, epochs: 0, data_rng, dropout_rng })
     }
 
     /// One optimiser step on `batch`; returns its mean token loss.
     pub fn step(&mut self, batch: &[&Example]) -> Result<f32> {
         let total_tokens: usize = batch.iter().map(|(_, target)| target.len()).sum();
         let device = self.model.t5.device().clone();
-        let rate = if self.config.dropout {
-            self.model.config().dropout_rate
-        } else {
-            0.0
-        };
+        let rate = if self.config.dropout { self.model.config().dropout_rate } else { 0.0 };
         let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
         let mut loss = 0f32;
         for micro in micro_batches(batch, self.config.max_tokens_per_micro_batch) {
@@ -193,8 +164,7 @@ impl Trainer {
             let targets: Vec<Vec<u32>> = micro.iter().map(|&i| batch[i].1.clone()).collect();
             let micro_batch = Seq2SeqBatch::new(&inputs, &targets, &device)?;
             let mut dropout = Dropout::new(rate, self.dropout_rng.clone());
-            let micro_loss =
-                (self.model.t5.loss_sum(&micro_batch, &mut dropout)? / total_tokens as f64)?;
+            let micro_loss = (self.model.t5.loss_sum(&micro_batch, &mut dropout)? / total_tokens as f64)?;
             self.dropout_rng = dropout.rng().expect("dropout on").clone();
             loss += micro_loss.to_scalar::<f32>()?;
             let store = micro_loss.backward()?;
@@ -258,11 +228,7 @@ impl Trainer {
             data_rng: self.data_rng.clone(),
             dropout_rng: self.dropout_rng.clone(),
         };
-        manifest.write_file(
-            &partial,
-            TRAINER_FILE,
-            &serde_json::to_vec_pretty(&state).expect("serialises"),
-        )?;
+        manifest.write_file(&partial, TRAINER_FILE, &serde_json::to_vec_pretty(&state).expect("serialises"))?;
         manifest.save(&partial)?;
         if dir.exists() {
             std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
@@ -282,9 +248,9 @@ impl Trainer {
         let config_path = dir.join(crate::weights::CONFIG_FILE);
         read_checked(crate::weights::CONFIG_FILE)?;
         let model_cfg = crate::weights::read_config(&config_path)?;
-        let weights =
-            candle_core::safetensors::load_buffer(&read_checked(WEIGHTS_FILE)?, &Device::Cpu)?;
-        let model = Model::from_tensors(&model_cfg, weights, &dir.join(WEIGHTS_FILE), device)?;
+        let weights = candle_core::safetensors::load_buffer(&read_checked(WEIGHTS_FILE)?, &Device::Cpu)?;
+        let dtype = crate::model::compute_dtype(device);
+        let model = Model::from_tensors(&model_cfg, weights, &dir.join(WEIGHTS_FILE), device, dtype)?;
 
         let trainer_path = dir.join(TRAINER_FILE);
         let state: TrainerState = serde_json::from_slice(&read_checked(TRAINER_FILE)?)
@@ -296,13 +262,12 @@ impl Trainer {
         trainer.dropout_rng = state.dropout_rng;
 
         let optimizer_path = dir.join(OPTIMIZER_FILE);
-        let mut moments =
-            candle_core::safetensors::load_buffer(&read_checked(OPTIMIZER_FILE)?, device)?;
+        let mut moments = candle_core::safetensors::load_buffer(&read_checked(OPTIMIZER_FILE)?, device)?;
         for (name, (m, v, master)) in trainer.adam.state.iter_mut() {
             let mut take = |prefix: &str| {
-                moments.remove(&format!("{prefix}.{name}")).ok_or_else(|| {
-                    Error::format(&optimizer_path, format!("has no tensor {prefix}.{name}"))
-                })
+                moments
+                    .remove(&format!("{prefix}.{name}"))
+                    .ok_or_else(|| Error::format(&optimizer_path, format!("has no tensor {prefix}.{name}")))
             };
             *m = take("m")?;
             *v = take("v")?;

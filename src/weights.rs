@@ -27,12 +27,9 @@ pub struct Model {
 impl Model {
     /// Random weights drawn from a PCG seeded with `seed`, at the scales
     /// transformers' T5 uses (`T5PreTrainedModel._init_weights`).
-    pub fn random(cfg: &T5Config, seed: u64, device: &Device) -> Result<Self> {
-        let source = Source::Random {
-            rng: Mutex::new(Pcg64::seed_from_u64(seed)),
-            cfg: cfg.clone(),
-        };
-        Self::build(cfg, source, device)
+    pub fn random(cfg: &T5Config, seed: u64, device: &Device, dtype: DType) -> Result<Self> {
+        let source = Source::Random { rng: Mutex::new(Pcg64::seed_from_u64(seed)), cfg: cfg.clone() };
+        Self::build(cfg, source, device, dtype)
     }
 
     /// Weights from a map of Hugging Face-named tensors read from `file`.
@@ -41,38 +38,25 @@ impl Model {
         tensors: HashMap<String, Tensor>,
         file: &Path,
         device: &Device,
+        dtype: DType,
     ) -> Result<Self> {
-        Self::build(
-            cfg,
-            Source::Loaded {
-                tensors,
-                file: file.to_path_buf(),
-            },
-            device,
-        )
+        Self::build(cfg, Source::Loaded { tensors, file: file.to_path_buf() }, device, dtype)
     }
 
     /// Loads a directory with config.json and weights, or a hub id such as
     /// google/byt5-small from the Hugging Face cache (downloading it when the
-    /// hub can be reached).
+    /// hub can be reached), in the device's compute dtype.
     pub fn load(spec: &str, device: &Device) -> Result<Self> {
         let files = resolve(spec)?;
         let cfg = read_config(&files.config)?;
         let tensors = read_tensors(&files.weights)?;
-        Self::from_tensors(&cfg, tensors, &files.weights, device)
+        Self::from_tensors(&cfg, tensors, &files.weights, device, crate::model::compute_dtype(device))
     }
 
-    fn build(cfg: &T5Config, source: Source, device: &Device) -> Result<Self> {
+    fn build(cfg: &T5Config, source: Source, device: &Device, dtype: DType) -> Result<Self> {
         let created = Arc::new(Mutex::new(BTreeMap::new()));
-        let backend = Backend {
-            source,
-            created: created.clone(),
-        };
-        let dtype = crate::model::compute_dtype(device);
-        let t5 = T5::new(
-            VarBuilder::from_backend(Box::new(backend), dtype, device.clone()),
-            cfg,
-        )?;
+        let backend = Backend { source, created: created.clone() };
+        let t5 = T5::new(VarBuilder::from_backend(Box::new(backend), dtype, device.clone()), cfg)?;
         let vars = std::mem::take(&mut *created.lock().expect("poisoned"));
         Ok(Model { t5, vars })
     }
@@ -89,32 +73,21 @@ impl Model {
         manifest.write_file(
             dir,
             WEIGHTS_FILE,
-            &serialize_tensors(
-                self.vars.iter().map(|(n, v)| (n, v.as_tensor())),
-                &dir.join(WEIGHTS_FILE),
-            )?,
+            &serialize_tensors(self.vars.iter().map(|(n, v)| (n, v.as_tensor())), &dir.join(WEIGHTS_FILE))?,
         )
     }
 }
 
 /// safetensors bytes of named tensors, with the metadata transformers requires.
-pub fn serialize_tensors<'a>(
-    tensors: impl Iterator<Item = (&'a String, &'a Tensor)>,
-    path: &Path,
-) -> Result<Vec<u8>> {
+pub fn serialize_tensors<'a>(tensors: impl Iterator<Item = (&'a String, &'a Tensor)>, path: &Path) -> Result<Vec<u8>> {
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let tensors: Vec<(&String, Tensor)> = tensors
-        .map(|(n, t)| Ok((n, t.contiguous()?)))
-        .collect::<Result<_>>()?;
-    safetensors::serialize(tensors, Some(metadata))
-        .map_err(|e| Error::format(path, format!("cannot serialise: {e}")))
+    let tensors: Vec<(&String, Tensor)> = tensors.map(|(n, t)| Ok((n, t.contiguous()?))).collect::<Result<_>>()?;
+    safetensors::serialize(tensors, Some(metadata)).map_err(|e| Error::format(path, format!("cannot serialise: {e}")))
 }
 
 /// Reads a safetensors file, or a PyTorch pickle (`.bin`), onto the CPU.
 pub fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>> {
-    let is_torch = path
-        .extension()
-        .is_some_and(|e| e == "bin" || e == "pt" || e == "pth");
+    let is_torch = path.extension().is_some_and(|e| e == "bin" || e == "pt" || e == "pth");
     let loaded = if is_torch {
         candle_core::pickle::read_all(path).map(|v| v.into_iter().collect())
     } else {
@@ -125,14 +98,10 @@ pub fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>> {
 
 pub fn read_config(path: &Path) -> Result<T5Config> {
     let bytes = crate::files::read(path)?;
-    let cfg: T5Config = serde_json::from_slice(&bytes)
-        .map_err(|e| Error::format(path, format!("is not a T5 config.json: {e}")))?;
+    let cfg: T5Config =
+        serde_json::from_slice(&bytes).map_err(|e| Error::format(path, format!("is not a T5 config.json: {e}")))?;
     match cfg.unsupported() {
-        Some((field, problem)) => Err(Error::Config {
-            path: path.to_path_buf(),
-            field: field.into(),
-            problem,
-        }),
+        Some((field, problem)) => Err(Error::Config { path: path.to_path_buf(), field: field.into(), problem }),
         None => Ok(cfg),
     }
 }
@@ -181,10 +150,7 @@ pub fn resolve(spec: &str) -> Result<ModelFiles> {
 
 fn files_in_dir(dir: &Path) -> Option<ModelFiles> {
     let config = dir.join(CONFIG_FILE);
-    let weights = [WEIGHTS_FILE, TORCH_WEIGHTS_FILE]
-        .iter()
-        .map(|f| dir.join(f))
-        .find(|p| p.is_file())?;
+    let weights = [WEIGHTS_FILE, TORCH_WEIGHTS_FILE].iter().map(|f| dir.join(f)).find(|p| p.is_file())?;
     config.is_file().then_some(ModelFiles { config, weights })
 }
 
@@ -195,9 +161,7 @@ pub fn find_in_cache(cache: &hf_hub::Cache, model_id: &str) -> Option<ModelFiles
     use hf_hub::{Repo, RepoType};
     let main = cache.model(model_id.to_string());
     let config = main.get(CONFIG_FILE);
-    let repo_dir = cache
-        .path()
-        .join(Repo::model(model_id.to_string()).folder_name());
+    let repo_dir = cache.path().join(Repo::model(model_id.to_string()).folder_name());
     let mut pr_refs: Vec<String> = std::fs::read_dir(repo_dir.join("refs/pr"))
         .into_iter()
         .flatten()
@@ -205,11 +169,7 @@ pub fn find_in_cache(cache: &hf_hub::Cache, model_id: &str) -> Option<ModelFiles
         .collect();
     pr_refs.sort();
     let from_pr = pr_refs.iter().find_map(|pr| {
-        let repo = cache.repo(Repo::with_revision(
-            model_id.to_string(),
-            RepoType::Model,
-            format!("refs/pr/{pr}"),
-        ));
+        let repo = cache.repo(Repo::with_revision(model_id.to_string(), RepoType::Model, format!("refs/pr/{pr}")));
         Some((repo.get(WEIGHTS_FILE)?, repo.get(CONFIG_FILE)))
     });
     let (weights, pr_config) = match (main.get(WEIGHTS_FILE), from_pr) {
@@ -217,20 +177,14 @@ pub fn find_in_cache(cache: &hf_hub::Cache, model_id: &str) -> Option<ModelFiles
         (None, Some((w, c))) => (w, c),
         (None, None) => (main.get(TORCH_WEIGHTS_FILE)?, None),
     };
-    Some(ModelFiles {
-        config: config.or(pr_config)?,
-        weights,
-    })
+    Some(ModelFiles { config: config.or(pr_config)?, weights })
 }
 
 fn download(model_id: &str) -> std::result::Result<ModelFiles, String> {
     let api = hf_hub::api::sync::Api::new().map_err(|e| e.to_string())?;
     let repo = api.model(model_id.to_string());
     let config = repo.get(CONFIG_FILE).map_err(|e| e.to_string())?;
-    let weights = repo
-        .get(WEIGHTS_FILE)
-        .or_else(|_| repo.get(TORCH_WEIGHTS_FILE))
-        .map_err(|e| e.to_string())?;
+    let weights = repo.get(WEIGHTS_FILE).or_else(|_| repo.get(TORCH_WEIGHTS_FILE)).map_err(|e| e.to_string())?;
     Ok(ModelFiles { config, weights })
 }
 
@@ -259,14 +213,8 @@ fn standard_normal(rng: &mut Pcg64) -> f64 {
 }
 
 enum Source {
-    Random {
-        rng: Mutex<Pcg64>,
-        cfg: T5Config,
-    },
-    Loaded {
-        tensors: HashMap<String, Tensor>,
-        file: PathBuf,
-    },
+    Random { rng: Mutex<Pcg64>, cfg: T5Config },
+    Loaded { tensors: HashMap<String, Tensor>, file: PathBuf },
 }
 
 /// Hands the model each tensor it asks for, as a fresh Var, and remembers
@@ -284,9 +232,7 @@ impl Backend {
                     None => vec![1.0; shape.elem_count()],
                     Some(std) => {
                         let mut rng = rng.lock().expect("poisoned");
-                        (0..shape.elem_count())
-                            .map(|_| (std * standard_normal(&mut rng)) as f32)
-                            .collect()
+                        (0..shape.elem_count()).map(|_| (std * standard_normal(&mut rng)) as f32).collect()
                     }
                 };
                 Tensor::from_vec(values, shape, &Device::Cpu)
@@ -295,17 +241,8 @@ impl Backend {
                 // Some exports keep the shared embedding only under the encoder's name.
                 let tensor = tensors
                     .get(name)
-                    .or_else(|| {
-                        tensors
-                            .get("encoder.embed_tokens.weight")
-                            .filter(|_| name == "shared.weight")
-                    })
-                    .ok_or_else(|| {
-                        candle_core::Error::Msg(format!(
-                            "{}: no tensor named {name}",
-                            file.display()
-                        ))
-                    })?;
+                    .or_else(|| tensors.get("encoder.embed_tokens.weight").filter(|_| name == "shared.weight"))
+                    .ok_or_else(|| candle_core::Error::Msg(format!("{}: no tensor named {name}", file.display())))?;
                 if tensor.shape() != shape {
                     candle_core::bail!(
                         "{}: tensor {name} has shape {:?} but config.json implies {shape:?}",
@@ -359,18 +296,9 @@ mod tests {
         let cfg = T5Config::preset("cpu-small").unwrap();
         let std = |n| init_std(n, &cfg);
         assert_eq!(std("shared.weight"), Some(1.0));
-        assert_eq!(
-            std("encoder.block.0.layer.0.SelfAttention.q.weight"),
-            Some((256.0f64 * 64.0).powf(-0.5))
-        );
-        assert_eq!(
-            std("decoder.block.1.layer.1.EncDecAttention.k.weight"),
-            Some(1.0 / 16.0)
-        );
-        assert_eq!(
-            std("decoder.block.0.layer.2.DenseReluDense.wo.weight"),
-            Some((512f64).powf(-0.5))
-        );
+        assert_eq!(std("encoder.block.0.layer.0.SelfAttention.q.weight"), Some((256.0f64 * 64.0).powf(-0.5)));
+        assert_eq!(std("decoder.block.1.layer.1.EncDecAttention.k.weight"), Some(1.0 / 16.0));
+        assert_eq!(std("decoder.block.0.layer.2.DenseReluDense.wo.weight"), Some((512f64).powf(-0.5)));
         assert_eq!(std("encoder.final_layer_norm.weight"), None);
         assert_eq!(std("decoder.block.0.layer.2.layer_norm.weight"), None);
     }
@@ -378,11 +306,8 @@ mod tests {
     #[test]
     fn random_weights_have_the_intended_spread() -> Result<()> {
         let cfg = T5Config::preset("cpu-small").unwrap();
-        let model = Model::random(&cfg, 7, &Device::Cpu)?;
-        assert_eq!(
-            model.vars.values().map(|v| v.elem_count()).sum::<usize>(),
-            cfg.num_params()
-        );
+        let model = Model::random(&cfg, 7, &Device::Cpu, DType::F32)?;
+        assert_eq!(model.vars.values().map(|v| v.elem_count()).sum::<usize>(), cfg.num_params());
         let wo = model.vars["encoder.block.0.layer.1.DenseReluDense.wo.weight"].as_tensor();
         let std = wo.sqr()?.mean_all()?.to_scalar::<f32>()?.sqrt();
         assert!((std - 512f32.powf(-0.5)).abs() < 0.002, "std {std}");

@@ -17,10 +17,7 @@ fn fixture_model() -> Model {
 /// The golden batch as token-id rows (inputs and targets, each ending in eos).
 fn golden_rows() -> (Vec<Vec<u32>>, Vec<Vec<u32>>) {
     let g = golden();
-    (
-        unpadded_rows(&g["input_ids"], 0),
-        unpadded_rows(&g["labels"], -100),
-    )
+    (unpadded_rows(&g["input_ids"], 0), unpadded_rows(&g["labels"], -100))
 }
 
 #[test]
@@ -29,21 +26,11 @@ fn logits_and_loss_match_transformers() {
     let (inputs, targets) = golden_rows();
     let batch = Seq2SeqBatch::new(&inputs, &targets, &Device::Cpu).unwrap();
     assert_eq!(
-        batch
-            .input_ids
-            .to_dtype(DType::I64)
-            .unwrap()
-            .to_vec2::<i64>()
-            .unwrap(),
+        batch.input_ids.to_dtype(DType::I64).unwrap().to_vec2::<i64>().unwrap(),
         g["input_ids"].to_vec2::<i64>().unwrap()
     );
     assert_eq!(
-        batch
-            .decoder_input_ids
-            .to_dtype(DType::I64)
-            .unwrap()
-            .to_vec2::<i64>()
-            .unwrap(),
+        batch.decoder_input_ids.to_dtype(DType::I64).unwrap().to_vec2::<i64>().unwrap(),
         g["decoder_input_ids"].to_vec2::<i64>().unwrap()
     );
     let logits = model.t5.forward(&batch, &mut Dropout::off()).unwrap();
@@ -55,17 +42,9 @@ fn logits_and_loss_match_transformers() {
         let diff = max_abs_diff(&ours, &theirs);
         assert!(diff < 1e-4, "row {row}: max |logit difference| {diff}");
     }
-    let loss = (model.t5.loss_sum(&batch, &mut Dropout::off()).unwrap()
-        / batch.num_target_tokens as f64)
-        .unwrap();
-    let (ours, theirs) = (
-        loss.to_scalar::<f32>().unwrap(),
-        g["loss"].to_vec1::<f32>().unwrap()[0],
-    );
-    assert!(
-        (ours - theirs).abs() < 1e-4,
-        "loss {ours} vs transformers {theirs}"
-    );
+    let loss = (model.t5.loss_sum(&batch, &mut Dropout::off()).unwrap() / batch.num_target_tokens as f64).unwrap();
+    let (ours, theirs) = (loss.to_scalar::<f32>().unwrap(), g["loss"].to_vec1::<f32>().unwrap()[0]);
+    assert!((ours - theirs).abs() < 1e-4, "loss {ours} vs transformers {theirs}");
 }
 
 #[test]
@@ -88,15 +67,10 @@ fn relative_position_buckets_match_transformers_at_every_offset() {
     let offsets = g["offsets"].to_vec1::<i64>().unwrap();
     for (bidirectional, kind) in [(true, "bidirectional"), (false, "causal")] {
         for (buckets, distance) in [(32, 128), (8, 20), (64, 256)] {
-            let expected = g[&format!("buckets_{kind}_{buckets}_{distance}")]
-                .to_vec1::<i64>()
-                .unwrap();
+            let expected = g[&format!("buckets_{kind}_{buckets}_{distance}")].to_vec1::<i64>().unwrap();
             for (&offset, &want) in offsets.iter().zip(&expected) {
                 let got = relative_position_bucket(offset, bidirectional, buckets, distance);
-                assert_eq!(
-                    got as i64, want,
-                    "{kind} {buckets}/{distance} offset {offset}"
-                );
+                assert_eq!(got as i64, want, "{kind} {buckets}/{distance} offset {offset}");
             }
         }
     }
@@ -108,23 +82,11 @@ fn pytorch_bin_and_safetensors_give_the_same_model() {
     let from_safetensors = fixture_model();
     let cfg = sector::weights::read_config(&dir.join("config.json")).unwrap();
     let bin = dir.join("pytorch_model.bin");
-    let from_bin = Model::from_tensors(
-        &cfg,
-        sector::weights::read_tensors(&bin).unwrap(),
-        &bin,
-        &Device::Cpu,
-    )
-    .unwrap();
-    assert_eq!(
-        from_bin.vars.keys().collect::<Vec<_>>(),
-        from_safetensors.vars.keys().collect::<Vec<_>>()
-    );
+    let tensors = sector::weights::read_tensors(&bin).unwrap();
+    let from_bin = Model::from_tensors(&cfg, tensors, &bin, &Device::Cpu, DType::F32).unwrap();
+    assert_eq!(from_bin.vars.keys().collect::<Vec<_>>(), from_safetensors.vars.keys().collect::<Vec<_>>());
     for (name, var) in &from_safetensors.vars {
-        assert_eq!(
-            max_abs_diff(var.as_tensor(), from_bin.vars[name].as_tensor()),
-            0.0,
-            "{name}"
-        );
+        assert_eq!(max_abs_diff(var.as_tensor(), from_bin.vars[name].as_tensor()), 0.0, "{name}");
     }
 }
 
@@ -132,23 +94,14 @@ fn pytorch_bin_and_safetensors_give_the_same_model() {
 fn padding_does_not_change_any_rows_logits_or_output() {
     let model = fixture_model();
     let (inputs, targets) = golden_rows();
-    let batched = model
-        .t5
-        .forward(
-            &Seq2SeqBatch::new(&inputs, &targets, &Device::Cpu).unwrap(),
-            &mut Dropout::off(),
-        )
-        .unwrap();
+    let batched =
+        model.t5.forward(&Seq2SeqBatch::new(&inputs, &targets, &Device::Cpu).unwrap(), &mut Dropout::off()).unwrap();
     let batched_greedy = greedy(&model.t5, &inputs, GreedyOptions::new(30)).unwrap();
     for row in 0..inputs.len() {
-        let alone_batch =
-            Seq2SeqBatch::new(&inputs[row..=row], &targets[row..=row], &Device::Cpu).unwrap();
+        let alone_batch = Seq2SeqBatch::new(&inputs[row..=row], &targets[row..=row], &Device::Cpu).unwrap();
         let alone = model.t5.forward(&alone_batch, &mut Dropout::off()).unwrap();
         let len = targets[row].len();
-        let diff = max_abs_diff(
-            &alone.i((0, ..len)).unwrap(),
-            &batched.i((row, ..len)).unwrap(),
-        );
+        let diff = max_abs_diff(&alone.i((0, ..len)).unwrap(), &batched.i((row, ..len)).unwrap());
         assert!(diff < 1e-5, "row {row}: padding changed logits by {diff}");
         let alone_greedy = greedy(&model.t5, &inputs[row..=row], GreedyOptions::new(30)).unwrap();
         assert_eq!(alone_greedy[0], batched_greedy[row], "row {row}");
@@ -161,18 +114,12 @@ fn cached_decoding_equals_a_full_forward_pass() {
     let (inputs, targets) = golden_rows();
     let batch = Seq2SeqBatch::new(&inputs, &targets, &Device::Cpu).unwrap();
     let full = model.t5.forward(&batch, &mut Dropout::off()).unwrap(); // (b, t, vocab)
-    let encoded = model
-        .t5
-        .encode(&batch.input_ids, &batch.input_mask, &mut Dropout::off())
-        .unwrap();
+    let encoded = model.t5.encode(&batch.input_ids, &batch.input_mask, &mut Dropout::off()).unwrap();
     let mut state = model.t5.start_decoder(&encoded, &batch.input_mask).unwrap();
     let steps: Vec<Tensor> = (0..batch.decoder_input_ids.dim(1).unwrap())
         .map(|t| {
             let ids = batch.decoder_input_ids.i((.., t..t + 1)).unwrap();
-            model
-                .t5
-                .decode(&ids, &mut state, &mut Dropout::off())
-                .unwrap()
+            model.t5.decode(&ids, &mut state, &mut Dropout::off()).unwrap()
         })
         .collect();
     let incremental = Tensor::cat(&steps, 1).unwrap();

@@ -13,8 +13,7 @@ pub fn fixture_dir() -> PathBuf {
 
 /// The tensors recorded from transformers, on the CPU.
 pub fn golden() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture_dir().join("golden.safetensors"), &Device::Cpu)
-        .expect("golden fixture")
+    candle_core::safetensors::load(fixture_dir().join("golden.safetensors"), &Device::Cpu).expect("golden fixture")
 }
 
 /// Rows of an i64 matrix with the padding value removed from their ends.
@@ -30,14 +29,7 @@ pub fn unpadded_rows(t: &Tensor, pad: i64) -> Vec<Vec<u32>> {
 }
 
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
 }
 
 /// Copy task: a string of digits, and the same string as the target.
@@ -47,13 +39,8 @@ pub fn copy_examples(n: usize, seed: u64) -> Vec<Example> {
     (0..n)
         .map(|_| {
             let len = rng.random_range(1..=6);
-            let digits: String = (0..len)
-                .map(|_| char::from(b'0' + rng.random_range(0..10u8)))
-                .collect();
-            (
-                sector::tokenizer::encode(&digits),
-                sector::tokenizer::encode(&digits),
-            )
+            let digits: String = (0..len).map(|_| char::from(b'0' + rng.random_range(0..10u8))).collect();
+            (sector::tokenizer::encode(&digits), sector::tokenizer::encode(&digits))
         })
         .collect()
 }
