@@ -154,6 +154,14 @@ impl Trainer {
 
     /// One optimiser step on `batch`; returns its mean token loss.
     pub fn step(&mut self, batch: &[&Example]) -> Result<f32> {
+        let (loss, grads) = self.gradients(batch)?;
+        self.adam.step(&self.model.vars, &grads)?;
+        Ok(loss)
+    }
+
+    /// The mean token loss of `batch` and its gradient by parameter name,
+    /// accumulated over length-grouped micro-batches.
+    pub fn gradients(&mut self, batch: &[&Example]) -> Result<(f32, BTreeMap<String, Tensor>)> {
         let total_tokens: usize = batch.iter().map(|(_, target)| target.len()).sum();
         let device = self.model.t5.device().clone();
         let rate = if self.config.dropout { self.model.config().dropout_rate } else { 0.0 };
@@ -178,8 +186,7 @@ impl Trainer {
                 }
             }
         }
-        self.adam.step(&self.model.vars, &grads)?;
-        Ok(loss)
+        Ok((loss, grads))
     }
 
     /// One pass over `data` in a fresh random order, in batches of
