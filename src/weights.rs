@@ -155,14 +155,15 @@ fn files_in_dir(dir: &Path) -> Option<ModelFiles> {
 }
 
 /// The hub's main branch of google/byt5-* holds only pytorch_model.bin;
-/// safetensors conversions sit on refs/pr/N branches. Prefer safetensors from
-/// main, then from any cached PR branch, then the pickle from main.
+/// safetensors conversions sit on refs/pr/N branches, which the cache records
+/// under refs/refs/pr/N. Prefer safetensors from main, then from any cached PR
+/// branch, then the pickle from main.
 pub fn find_in_cache(cache: &hf_hub::Cache, model_id: &str) -> Option<ModelFiles> {
     use hf_hub::{Repo, RepoType};
     let main = cache.model(model_id.to_string());
     let config = main.get(CONFIG_FILE);
     let repo_dir = cache.path().join(Repo::model(model_id.to_string()).folder_name());
-    let mut pr_refs: Vec<String> = std::fs::read_dir(repo_dir.join("refs/pr"))
+    let mut pr_refs: Vec<String> = std::fs::read_dir(repo_dir.join("refs/refs/pr"))
         .into_iter()
         .flatten()
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
@@ -180,8 +181,13 @@ pub fn find_in_cache(cache: &hf_hub::Cache, model_id: &str) -> Option<ModelFiles
     Some(ModelFiles { config: config.or(pr_config)?, weights })
 }
 
+/// Downloads config and weights into the cache (HF_HOME, HF_ENDPOINT),
+/// unless HF_HUB_OFFLINE=1 says not to try.
 fn download(model_id: &str) -> std::result::Result<ModelFiles, String> {
-    let api = hf_hub::api::sync::Api::new().map_err(|e| e.to_string())?;
+    if std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1") {
+        return Err("HF_HUB_OFFLINE=1".into());
+    }
+    let api = hf_hub::api::sync::ApiBuilder::from_env().build().map_err(|e| e.to_string())?;
     let repo = api.model(model_id.to_string());
     let config = repo.get(CONFIG_FILE).map_err(|e| e.to_string())?;
     let weights = repo.get(WEIGHTS_FILE).or_else(|_| repo.get(TORCH_WEIGHTS_FILE)).map_err(|e| e.to_string())?;
