@@ -1,0 +1,29 @@
+# sector: the Makefile is the entry point for users and for CI.
+#   make test    build from scratch and run every check CI runs
+#   make bench   training and decoding throughput on this machine
+# The SECToR experiments, tables and figures arrive with their issues
+# (see README.md, "Status").
+
+CARGO ?= cargo
+SECTOR := target/release/sector
+# Paper scale builds with `make build FEATURES=cuda`.
+FEATURES ?=
+FEATURE_FLAGS := $(if $(FEATURES),--features $(FEATURES),)
+
+.PHONY: help build test lint bench
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
+
+build:  ## release build of the sector binary
+	$(CARGO) build --release $(FEATURE_FLAGS)
+
+lint:  ## formatting and clippy, warnings are errors
+	$(CARGO) fmt --check
+	$(CARGO) clippy --release --all-targets -- -D warnings
+
+test: lint  ## lint, then every unit and integration test (release mode: the tests train models)
+	$(CARGO) test --release
+
+bench: build  ## throughput table (results/bench-cpu.md); about 3 minutes
+	$(SECTOR) bench | tee results/bench-cpu.md
