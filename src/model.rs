@@ -183,8 +183,6 @@ impl T5Config {
         })
     }
 
-    pub const PRESETS: [&'static str; 5] = ["byt5-small", "byt5-base", "cpu-tiny", "cpu-small", "cpu-medium"];
-
     pub fn decoder_layers(&self) -> usize {
         self.num_decoder_layers.unwrap_or(self.num_layers)
     }
@@ -368,7 +366,9 @@ impl GatedGelu {
     }
 }
 
-/// A residual sub-layer's input norm: T5 names it `layer.{i}.layer_norm`.
+/// One block: self-attention, cross-attention (decoder only), feed-forward.
+/// Each sub-layer normalises its input and adds its output to the residual
+/// stream; transformers numbers them `layer.0`, `layer.1`, `layer.2`.
 struct Block {
     self_attn: Attention,
     self_attn_norm: RmsNorm,

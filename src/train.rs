@@ -303,6 +303,25 @@ mod tests {
     }
 
     #[test]
+    fn adam_accumulates_small_bf16_updates_in_f32_master_weights() -> Result<()> {
+        // Near 1.0, bf16 steps by 2^-7 or 2^-8: an update of 1e-3 applied to
+        // the bf16 value itself would round back to 1.0 every time.
+        let var = Var::from_tensor(&Tensor::new(&[1f32], &Device::Cpu)?.to_dtype(DType::BF16)?)?;
+        let vars = BTreeMap::from([("w".to_string(), var.clone())]);
+        let grads = BTreeMap::from([("w".to_string(), Tensor::new(&[1f32], &Device::Cpu)?.to_dtype(DType::BF16)?)]);
+        let mut adam = Adam::new(&vars, 1e-3)?;
+        for _ in 0..10 {
+            adam.step(&vars, &grads)?;
+        }
+        // A constant gradient makes every Adam update lr (to within eps).
+        let master = adam.state["w"].2.as_ref().expect("bf16 has a master copy").to_vec1::<f32>()?[0];
+        assert!((master - 0.99).abs() < 1e-5, "master {master}");
+        let value = var.as_tensor().to_dtype(DType::F32)?.to_vec1::<f32>()?[0];
+        assert!(value < 1.0 && (value - 0.99).abs() < 4e-3, "bf16 value {value}");
+        Ok(())
+    }
+
+    #[test]
     fn a_row_longer_than_the_budget_still_gets_a_batch() {
         let examples = [(vec![5; 50], vec![6; 50])];
         let refs: Vec<&Example> = examples.iter().collect();

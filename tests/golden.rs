@@ -128,3 +128,26 @@ fn cached_decoding_equals_a_full_forward_pass() {
     let diff = max_abs_diff(&incremental, &full);
     assert!(diff < 1e-4, "cached decoding differs by {diff}");
 }
+
+#[test]
+fn presets_match_the_hub_configs_where_cached() {
+    // Needs google/byt5-* in the Hugging Face cache; this machine has none,
+    // so here it only reports the skip. On a machine with the cache it fails
+    // on any difference in shape.
+    let shape = |c: &sector::model::T5Config| {
+        (c.vocab_size, c.d_model, c.d_ff, c.d_kv, c.num_heads, c.num_layers, c.decoder_layers())
+    };
+    for (hub_id, preset) in [("google/byt5-small", "byt5-small"), ("google/byt5-base", "byt5-base")] {
+        let Some(files) = sector::weights::find_in_cache(&hf_hub::Cache::from_env(), hub_id) else {
+            eprintln!("{hub_id} is not in the Hugging Face cache: preset {preset} not compared");
+            continue;
+        };
+        let cached = sector::weights::read_config(&files.config).unwrap();
+        let ours = sector::model::T5Config::preset(preset).unwrap();
+        assert_eq!(shape(&ours), shape(&cached), "{preset} vs {}", files.config.display());
+        assert_eq!(
+            (ours.relative_attention_num_buckets, ours.relative_attention_max_distance),
+            (cached.relative_attention_num_buckets, cached.relative_attention_max_distance)
+        );
+    }
+}
