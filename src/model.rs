@@ -647,15 +647,19 @@ impl T5 {
     }
 }
 
-/// "cpu" or "cuda" (or "cuda:N").
+/// "cpu", "cuda" or "cuda:N".
 pub fn select_device(name: &str) -> Result<Device> {
-    match name {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => Device::new_cuda(0),
-        other => match other.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
-            Some(ordinal) => Device::new_cuda(ordinal),
-            None => candle_core::bail!("unknown device {other:?}: use cpu, cuda or cuda:N"),
-        },
+    let ordinal = match name {
+        "cpu" => return Ok(Device::Cpu),
+        "cuda" => Some(0),
+        other => other.strip_prefix("cuda:").and_then(|n| n.parse().ok()),
+    };
+    match ordinal {
+        None => candle_core::bail!("unknown device {name:?}: use cpu, cuda or cuda:N"),
+        Some(_) if !cfg!(feature = "cuda") => {
+            candle_core::bail!("device {name:?} needs a CUDA build: cargo build --release --features cuda")
+        }
+        Some(ordinal) => Device::new_cuda(ordinal),
     }
 }
 

@@ -193,13 +193,20 @@ impl Trainer {
     /// `batch_size` (the last one may be smaller). Returns the mean of the
     /// step losses.
     pub fn epoch(&mut self, data: &[Example]) -> Result<f32> {
+        self.epoch_with_progress(data, |_, _| {})
+    }
+
+    /// `epoch`, calling `on_step(examples, loss)` after each optimiser step.
+    pub fn epoch_with_progress(&mut self, data: &[Example], mut on_step: impl FnMut(usize, f32)) -> Result<f32> {
         let mut order: Vec<usize> = (0..data.len()).collect();
         order.shuffle(&mut self.data_rng);
         let mut loss_sum = 0.0;
         let chunks: Vec<&[usize]> = order.chunks(self.config.batch_size.max(1)).collect();
         for chunk in &chunks {
             let batch: Vec<&Example> = chunk.iter().map(|&i| &data[i]).collect();
-            loss_sum += self.step(&batch)?;
+            let loss = self.step(&batch)?;
+            on_step(batch.len(), loss);
+            loss_sum += loss;
         }
         self.epochs += 1;
         Ok(loss_sum / chunks.len().max(1) as f32)
