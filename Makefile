@@ -1,8 +1,8 @@
 # sector: the Makefile is the entry point for users and for CI.
+#   make demo    the whole SECToR loop on the micro config (under a minute)
 #   make test    build from scratch and run every check CI runs
 #   make bench   training and decoding throughput on this machine
-# The SECToR experiments, tables and figures arrive with their issues
-# (see README.md, "Status").
+# The paper's tables and figures arrive with their issue (README.md, "Status").
 
 CARGO ?= cargo
 SECTOR := target/release/sector
@@ -10,7 +10,9 @@ SECTOR := target/release/sector
 FEATURES ?=
 FEATURE_FLAGS := $(if $(FEATURES),--features $(FEATURES),)
 
-.PHONY: help build test lint bench
+RUNS ?= runs
+
+.PHONY: help build test lint bench demo run
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
@@ -24,6 +26,12 @@ lint:  ## formatting and clippy, warnings are errors
 
 test: lint  ## lint, then every unit and integration test (release mode: the tests train models)
 	$(CARGO) test --release
+
+demo: build  ## the SECToR loop end to end on experiments/micro.toml (machinery only: gates at 0)
+	$(SECTOR) run experiments/micro.toml --runs-dir $(RUNS)
+
+run: build  ## run (or resume) an experiment: make run CONFIG=experiments/NAME.toml
+	$(SECTOR) run $(CONFIG) --runs-dir $(RUNS)
 
 bench: build  ## throughput table (results/bench-cpu.md); about 3 minutes
 	$(SECTOR) bench | tee results/bench-cpu.md

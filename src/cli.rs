@@ -1,7 +1,12 @@
 //! The command line: each subcommand maps its flags to one library call.
 
+use crate::answer::Solver;
+use crate::config::Experiment;
+use crate::eval::{evaluate, read_problems, summarize};
+use crate::files::{csv_bytes, write_atomic};
 use crate::generate::greedy_text;
 use crate::model::select_device;
+use crate::task::{SlowFormat, TrueOracle};
 use crate::weights::Model;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -36,6 +41,38 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// Run an experiment (supervised curriculum, then self-training) in
+    /// RUNS_DIR/<name>; an existing run directory is resumed from its last
+    /// finished stage.
+    Run {
+        /// An experiment config, e.g. experiments/micro.toml.
+        config: PathBuf,
+        #[arg(long, default_value = "runs")]
+        runs_dir: PathBuf,
+    },
+    /// Put a problem set (CSV with columns a,b,c) to a checkpoint: per
+    /// problem the fast answer, the chain answer and the one-step slow
+    /// output, each checked; a per-length summary on stdout.
+    Eval {
+        /// A directory with config.json and weights, or a hub id.
+        #[arg(long)]
+        model: String,
+        #[arg(long)]
+        problems: PathBuf,
+        /// Where the per-problem CSV goes.
+        #[arg(long)]
+        out: PathBuf,
+        /// Also write the per-length summary as CSV here.
+        #[arg(long)]
+        summary: Option<PathBuf>,
+        /// The slow format the model was trained with.
+        #[arg(long, value_enum, default_value = "english")]
+        slow_format: SlowFormat,
+        #[arg(long, default_value_t = 256)]
+        decode_batch: usize,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
     /// Measure training and decoding throughput against the machine's f32 matmul rate.
     Bench {
         /// Timed repetitions per case (the median is reported).
@@ -62,6 +99,34 @@ pub fn run() -> anyhow::Result<()> {
             let prompts: Vec<String> = prompts.iter().map(|p| unescape(p)).collect();
             for output in greedy_text(&model.t5, &prompts, max_new_tokens)? {
                 println!("{}", escape(&output));
+            }
+        }
+        Command::Run { config, runs_dir } => {
+            let experiment = Experiment::load(&config)?;
+            let records = crate::sector::run(experiment, &runs_dir, &TrueOracle)?;
+            println!("{} stages:", records.len());
+            for record in &records {
+                println!("{}", crate::sector::stage_summary(record));
+            }
+        }
+        Command::Eval { model, problems, out, summary, slow_format, decode_batch, device } => {
+            let problems = read_problems(&problems)?;
+            let device = select_device(&device)?;
+            let model = Model::load(&model, &device)?;
+            let solver = Solver { model: &model.t5, format: slow_format, decode_batch };
+            let results = evaluate(&solver, &problems, &TrueOracle)?;
+            write_atomic(&out, &csv_bytes(&results, &out)?)?;
+            let lengths = summarize(&results);
+            println!("| digits | problems | fast | chain | one-step slow |\n|---:|---:|---:|---:|---:|");
+            for s in &lengths {
+                let slow = s.slow_accuracy.map_or("-".into(), |a| format!("{a:.3}"));
+                println!(
+                    "| {} | {} | {:.3} | {:.3} | {slow} |",
+                    s.digits, s.problems, s.fast_accuracy, s.chain_accuracy
+                );
+            }
+            if let Some(path) = summary {
+                write_atomic(&path, &csv_bytes(&lengths, &path)?)?;
             }
         }
         Command::Bench { reps, filter } => crate::bench::run(reps, &filter)?,

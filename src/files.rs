@@ -100,6 +100,32 @@ impl Manifest {
     }
 }
 
+/// Rows of a CSV file with a header (none if the file does not exist).
+pub fn read_csv<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let mut reader = csv::Reader::from_path(path).map_err(|e| Error::format(path, format!("cannot read: {e}")))?;
+    reader
+        .deserialize()
+        .enumerate()
+        .map(|(i, row)| {
+            row.map_err(|e| {
+                Error::format(path, format!("row {}: {e}. Fix: restore the file or delete the run directory", i + 2))
+            })
+        })
+        .collect()
+}
+
+/// `rows` as CSV with a header; `path` only names the file in errors.
+pub fn csv_bytes<T: serde::Serialize>(rows: &[T], path: &Path) -> Result<Vec<u8>> {
+    let mut writer = csv::Writer::from_writer(Vec::new());
+    for row in rows {
+        writer.serialize(row).map_err(|e| Error::format(path, format!("cannot write: {e}")))?;
+    }
+    writer.into_inner().map_err(|e| Error::format(path, format!("cannot write: {e}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -123,3 +123,63 @@ fn a_corrupt_weights_file_is_a_clear_error() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("model.safetensors") && stderr.contains("cannot read weights"), "{stderr}");
 }
+
+#[test]
+fn eval_writes_a_row_per_problem_and_a_summary() {
+    let home = tempfile::tempdir().unwrap();
+    let problems = home.path().join("problems.csv");
+    std::fs::write(&problems, "a,b,c\n12,34,0\n95,87,1\n7,5,0\n").unwrap();
+    let (out, summary) = (home.path().join("out.csv"), home.path().join("summary.csv"));
+    let dir = fixture_dir();
+    let args = [
+        "eval",
+        "--model",
+        dir.to_str().unwrap(),
+        "--problems",
+        problems.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--summary",
+        summary.to_str().unwrap(),
+        "--slow-format",
+        "compact",
+    ];
+    let stdout = stdout_lines(&sector(&args, home.path(), None));
+    assert!(stdout[0].starts_with("| digits |"), "{stdout:?}");
+    let rows: Vec<sector::eval::ProblemResult> = sector::files::read_csv(&out).unwrap();
+    assert_eq!(
+        rows.iter().map(|r| (r.a.as_str(), r.b.as_str(), r.c)).collect::<Vec<_>>(),
+        [("12", "34", 0), ("95", "87", 1), ("7", "5", 0)]
+    );
+    // The fixture is a random model: every answer is wrong, and one-digit problems have no slow step.
+    assert!(rows.iter().all(|r| !r.fast_correct && !r.chain_correct && !r.slow_correct));
+    assert_eq!(rows[2].slow_output, "");
+    let lengths: Vec<sector::eval::LengthSummary> = sector::files::read_csv(&summary).unwrap();
+    assert_eq!(lengths.iter().map(|l| (l.digits, l.problems)).collect::<Vec<_>>(), [(1, 1), (2, 2)]);
+}
+
+#[test]
+fn eval_names_the_bad_line_of_a_problem_set() {
+    let home = tempfile::tempdir().unwrap();
+    let problems = home.path().join("problems.csv");
+    std::fs::write(&problems, "a,b,c\n12,34,0\n12,345,0\n").unwrap();
+    let dir = fixture_dir();
+    let out = home.path().join("out.csv");
+    let args = [
+        "eval",
+        "--model",
+        dir.to_str().unwrap(),
+        "--problems",
+        problems.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let output = sector(&args, home.path(), None);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("problems.csv") && stderr.contains("line 3") && stderr.contains("same number of digits"),
+        "{stderr}"
+    );
+    assert!(!out.exists(), "nothing written on bad input");
+}

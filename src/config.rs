@@ -1,0 +1,406 @@
+//! Experiment configs: one TOML file per experiment under experiments/.
+//!
+//! Every field has the paper's value as its default (byt5-base on CUDA,
+//! PROTOCOL.md sections 5 and 6), so a config holds only what differs.
+//! Unknown fields are rejected, naming the file and the field.
+
+use crate::error::{Error, Result};
+use crate::model::T5Config;
+use crate::task::SlowFormat;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Experiment {
+    /// Names the run directory (runs/<name>) and labels its artifacts.
+    pub name: String,
+    /// "cpu" or "paper", printed beside every number the run produces.
+    #[serde(default = "defaults::scale")]
+    pub scale: String,
+    /// Seeds every random draw of the run (data, weights, order, dropout).
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default)]
+    pub model: ModelSettings,
+    #[serde(default)]
+    pub train: TrainSettings,
+    #[serde(default)]
+    pub task: TaskSettings,
+    #[serde(default)]
+    pub supervised: SupervisedSettings,
+    #[serde(default)]
+    pub self_training: SelfTrainingSettings,
+    #[serde(default)]
+    pub eval: EvalSettings,
+}
+
+/// Which model, on which device. `preset` builds a randomly initialised
+/// model (shape fields override the preset); `weights` loads pretrained
+/// ones (a directory or a hub id such as google/byt5-base).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSettings {
+    pub preset: Option<String>,
+    pub weights: Option<String>,
+    /// cpu, cuda or cuda:N.
+    pub device: String,
+    pub d_model: Option<usize>,
+    pub d_ff: Option<usize>,
+    pub num_heads: Option<usize>,
+    pub d_kv: Option<usize>,
+    pub num_layers: Option<usize>,
+    pub num_decoder_layers: Option<usize>,
+    pub relative_attention_num_buckets: Option<usize>,
+    pub relative_attention_max_distance: Option<usize>,
+    pub dropout_rate: Option<f64>,
+    pub initializer_factor: Option<f64>,
+}
+
+impl Default for ModelSettings {
+    fn default() -> Self {
+        ModelSettings {
+            preset: None,
+            weights: Some("google/byt5-base".into()),
+            device: "cuda".into(),
+            d_model: None,
+            d_ff: None,
+            num_heads: None,
+            d_kv: None,
+            num_layers: None,
+            num_decoder_layers: None,
+            relative_attention_num_buckets: None,
+            relative_attention_max_distance: None,
+            dropout_rate: None,
+            initializer_factor: None,
+        }
+    }
+}
+
+/// Optimisation (PROTOCOL.md section 5; the paper's appendix C).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainSettings {
+    /// Adam's constant learning rate.
+    pub lr: f64,
+    /// Examples per optimiser step (paper: 1024 for 582M, 2048 for 300M).
+    pub batch_size: usize,
+    /// Padded tokens per forward/backward pass (gradient accumulation).
+    pub max_tokens_per_micro_batch: usize,
+    /// Train with the model's dropout rate.
+    pub dropout: bool,
+    /// Epochs per stage before the gate is first checked.
+    pub min_epochs: usize,
+    /// Epochs per stage after which a stage that has not passed its gate
+    /// ends the run.
+    pub max_epochs: usize,
+}
+
+impl Default for TrainSettings {
+    fn default() -> Self {
+        TrainSettings {
+            lr: 1e-4,
+            batch_size: 1024,
+            max_tokens_per_micro_batch: 65536,
+            dropout: false,
+            min_epochs: 1,
+            max_epochs: 20,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TaskSettings {
+    /// english (the paper's) or compact (a declared CPU-scale deviation).
+    pub slow_format: SlowFormat,
+    /// Multiplies every data size of sections 5 and 6 (1 = the paper's).
+    pub data_scale: f64,
+}
+
+impl Default for TaskSettings {
+    fn default() -> Self {
+        TaskSettings { slow_format: SlowFormat::English, data_scale: 1.0 }
+    }
+}
+
+/// When the supervised phase hands over to self-training.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum StartSelfTraining {
+    /// After the supervised stage on 1..N digits (582M: 6, 300M: 8).
+    AfterDigits(usize),
+    /// "when-slow-generalises": once one-step slow exact match on N+1
+    /// digits reaches `generalise_threshold`.
+    When(StartWhen),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StartWhen {
+    WhenSlowGeneralises,
+}
+
+/// The supervised curriculum (PROTOCOL.md section 5).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SupervisedSettings {
+    /// Digits of the first stage (it trains on 1..first_digits).
+    pub first_digits: usize,
+    /// Held-out problems of each kind for the gate.
+    pub gate_size: usize,
+    /// Fast exact match needed to move on.
+    pub fast_gate: f64,
+    /// One-step slow exact match needed to move on.
+    pub slow_gate: f64,
+    pub start_self_training: StartSelfTraining,
+    /// Slow exact match on N+1 digits that counts as generalising.
+    pub generalise_threshold: f64,
+    /// The last supervised stage when waiting for generalisation.
+    pub max_digits: usize,
+}
+
+impl Default for SupervisedSettings {
+    fn default() -> Self {
+        SupervisedSettings {
+            first_digits: 3,
+            gate_size: 128,
+            fast_gate: 0.75,
+            slow_gate: 1.0,
+            start_self_training: StartSelfTraining::AfterDigits(6),
+            generalise_threshold: 0.99,
+            max_digits: 12,
+        }
+    }
+}
+
+/// How self-training labels its fast examples.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LabelMethod {
+    Fast,
+    SimplifyOnly,
+    SimplifyThenGuess,
+}
+
+/// Self-training (PROTOCOL.md section 6).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SelfTrainingSettings {
+    /// The longest addition the run attempts.
+    pub last_digits: usize,
+    /// Simplifications before the last guess of simplify-then-guess.
+    pub k: usize,
+    pub fast_labels: LabelMethod,
+    /// Keep only labels on which a problem and its twin agree.
+    pub commutativity_check: bool,
+    /// Held-out self-generated examples of each kind for the gate.
+    pub gate_size: usize,
+    /// End the run when fewer generated fast pairs than this fraction pass
+    /// the checks (needs no ground truth; 0 = never).
+    pub stop_below_acceptance: f64,
+    /// End the run when the audited accuracy of accepted fast data falls
+    /// below this (the paper's 0.9; it reads the ground truth, so it is off
+    /// unless set).
+    pub stop_below_audited_accuracy: Option<f64>,
+}
+
+impl Default for SelfTrainingSettings {
+    fn default() -> Self {
+        SelfTrainingSettings {
+            last_digits: 30,
+            k: 5,
+            fast_labels: LabelMethod::SimplifyThenGuess,
+            commutativity_check: true,
+            gate_size: 128,
+            stop_below_acceptance: 0.0,
+            stop_below_audited_accuracy: None,
+        }
+    }
+}
+
+/// Accuracy by length after each stage (figures 6 to 8, tables 1 and 3).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalSettings {
+    /// Evaluate lengths 1..N + lengths_beyond after stage N.
+    pub lengths_beyond: usize,
+    pub problems_per_length: usize,
+    /// Rows per greedy decoding call (generation and evaluation).
+    pub decode_batch: usize,
+}
+
+impl Default for EvalSettings {
+    fn default() -> Self {
+        EvalSettings { lengths_beyond: 8, problems_per_length: 100, decode_batch: 256 }
+    }
+}
+
+mod defaults {
+    pub fn scale() -> String {
+        "paper".into()
+    }
+}
+
+impl Experiment {
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = String::from_utf8(crate::files::read(path)?).map_err(|_| Error::format(path, "is not UTF-8"))?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and checks a config; `path` names it in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self> {
+        let experiment: Experiment =
+            toml::from_str(text).map_err(|e| Error::format(path, format!("is not a valid experiment config: {e}")))?;
+        experiment.check(path)?;
+        Ok(experiment)
+    }
+
+    /// The canonical text of this config, stored in its run directory.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("an experiment serialises")
+    }
+
+    fn check(&self, path: &Path) -> Result<()> {
+        let bad = |field: &str, problem: String| {
+            Err(Error::Config { path: path.to_path_buf(), field: field.into(), problem })
+        };
+        if self.name.is_empty() || !self.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+            return bad(
+                "name",
+                format!("is {:?}; use letters, digits, - and _ (it names the run directory)", self.name),
+            );
+        }
+        if !["cpu", "paper"].contains(&self.scale.as_str()) {
+            return bad("scale", format!("is {:?}; use \"cpu\" or \"paper\"", self.scale));
+        }
+        match (&self.model.preset, &self.model.weights) {
+            (Some(_), Some(_)) | (None, None) => {
+                return bad(
+                    "model.preset",
+                    "and model.weights: give exactly one (a preset for random weights, or pretrained weights)".into(),
+                )
+            }
+            (Some(preset), None) if T5Config::preset(preset).is_none() => {
+                return bad(
+                    "model.preset",
+                    format!("is {preset:?}; use byt5-small, byt5-base, cpu-tiny, cpu-small or cpu-medium"),
+                )
+            }
+            _ => {}
+        }
+        if self.model.weights.is_some() && self.shape_overrides() {
+            return bad("model", "shape fields only apply to a preset, not to pretrained weights".into());
+        }
+        if self.train.batch_size == 0 || self.train.max_epochs == 0 || self.train.min_epochs > self.train.max_epochs {
+            return bad("train", "needs batch_size > 0 and 1 <= min_epochs <= max_epochs".into());
+        }
+        if self.task.data_scale.is_nan() || self.task.data_scale <= 0.0 {
+            return bad("task.data_scale", format!("is {}; it must be positive", self.task.data_scale));
+        }
+        if self.supervised.first_digits < 2 {
+            return bad("supervised.first_digits", "must be at least 2 (slow steps need two digits)".into());
+        }
+        if let StartSelfTraining::AfterDigits(n) = self.supervised.start_self_training {
+            if n < self.supervised.first_digits {
+                return bad("supervised.start_self_training", format!("is {n}, below first_digits"));
+            }
+        }
+        if self.self_training.k == 0 {
+            return bad("self_training.k", "must be at least 1".into());
+        }
+        for (field, value) in [
+            ("supervised.fast_gate", self.supervised.fast_gate),
+            ("supervised.slow_gate", self.supervised.slow_gate),
+            ("supervised.generalise_threshold", self.supervised.generalise_threshold),
+            ("self_training.stop_below_acceptance", self.self_training.stop_below_acceptance),
+        ] {
+            if !(0.0..=1.0).contains(&value) {
+                return bad(field, format!("is {value}; it is a fraction between 0 and 1"));
+            }
+        }
+        Ok(())
+    }
+
+    fn shape_overrides(&self) -> bool {
+        let m = &self.model;
+        [m.d_model, m.d_ff, m.num_heads, m.d_kv, m.num_layers, m.num_decoder_layers]
+            .iter()
+            .chain([&m.relative_attention_num_buckets, &m.relative_attention_max_distance])
+            .any(Option::is_some)
+            || m.dropout_rate.is_some()
+            || m.initializer_factor.is_some()
+    }
+
+    /// The model config of a preset run, with this experiment's overrides.
+    pub fn model_config(&self) -> Option<T5Config> {
+        let m = &self.model;
+        let mut cfg = T5Config::preset(m.preset.as_deref()?)?;
+        let set = |field: &mut usize, value: Option<usize>| *field = value.unwrap_or(*field);
+        set(&mut cfg.d_model, m.d_model);
+        set(&mut cfg.d_ff, m.d_ff);
+        set(&mut cfg.num_heads, m.num_heads);
+        set(&mut cfg.d_kv, m.d_kv);
+        set(&mut cfg.num_layers, m.num_layers);
+        set(&mut cfg.relative_attention_num_buckets, m.relative_attention_num_buckets);
+        set(&mut cfg.relative_attention_max_distance, m.relative_attention_max_distance);
+        cfg.num_decoder_layers = m.num_decoder_layers.or(cfg.num_decoder_layers);
+        cfg.dropout_rate = m.dropout_rate.unwrap_or(cfg.dropout_rate);
+        cfg.initializer_factor = m.initializer_factor.unwrap_or(cfg.initializer_factor);
+        Some(cfg)
+    }
+
+    /// `count` scaled by the data-size factor, at least 1.
+    pub fn scaled(&self, count: usize) -> usize {
+        ((count as f64 * self.task.data_scale).round() as usize).max(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Experiment> {
+        Experiment::parse(text, Path::new("experiments/x.toml"))
+    }
+
+    #[test]
+    fn defaults_are_the_papers() {
+        let e = parse("name = \"paper\"").unwrap();
+        assert_eq!(e.model.weights.as_deref(), Some("google/byt5-base"));
+        assert_eq!((e.train.lr, e.train.batch_size), (1e-4, 1024));
+        assert_eq!(e.supervised.start_self_training, StartSelfTraining::AfterDigits(6));
+        assert_eq!((e.supervised.fast_gate, e.supervised.slow_gate, e.supervised.gate_size), (0.75, 1.0, 128));
+        assert_eq!((e.self_training.k, e.self_training.fast_labels), (5, LabelMethod::SimplifyThenGuess));
+        assert_eq!(parse(&e.to_toml()).unwrap(), e, "canonical form round-trips");
+    }
+
+    #[test]
+    fn overrides_and_start_rule() {
+        let e = parse(
+            "name = \"cpu\"\nscale = \"cpu\"\n[model]\npreset = \"cpu-small\"\ndevice = \"cpu\"\nd_model = 384\n\
+             [supervised]\nstart_self_training = \"when-slow-generalises\"\n[task]\nslow_format = \"compact\"",
+        )
+        .unwrap();
+        assert_eq!(e.model_config().unwrap().d_model, 384);
+        assert_eq!(e.supervised.start_self_training, StartSelfTraining::When(StartWhen::WhenSlowGeneralises));
+        assert_eq!(e.task.slow_format, SlowFormat::Compact);
+    }
+
+    #[test]
+    fn bad_configs_name_the_file_and_field() {
+        for (text, field) in [
+            ("name = \"x\"\n[train]\nlearning_rate = 1.0", "learning_rate"),
+            ("name = \"x\"\n[model]\npreset = \"huge\"\ndevice = \"cpu\"", "model.preset"),
+            (
+                "name = \"x\"\n[model]\npreset = \"cpu-tiny\"\nweights = \"google/byt5-base\"\ndevice = \"cpu\"",
+                "model.preset",
+            ),
+            ("name = \"x\"\n[supervised]\nfast_gate = 75", "supervised.fast_gate"),
+            ("name = \"a b\"", "name"),
+        ] {
+            let message = parse(text).unwrap_err().to_string();
+            assert!(message.contains("experiments/x.toml") && message.contains(field), "{field}: {message}");
+        }
+    }
+}

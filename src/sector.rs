@@ -1,0 +1,854 @@
+//! The SECToR loop (PROTOCOL.md sections 5 and 6): a supervised curriculum
+//! on 1..N digits, then self-training on N+1, N+2, ... with labels the model
+//! makes itself, one stage per length.
+//!
+//! A run lives in `runs/<name>/`: the config it was made by, a checkpoint
+//! and a dataset CSV per stage, the results CSVs (stages, accuracy,
+//! generation) and a manifest of every file's sha256. Each stage depends
+//! only on the previous stage's checkpoint and on seeds derived from the
+//! experiment seed and the stage number, so a killed run that is started
+//! again redoes its unfinished stage and ends exactly as an uninterrupted
+//! run would.
+//!
+//! Ground truth enters only through an `Oracle`: for script data on lengths
+//! inside the supervised range, and for audits and evaluation, which are
+//! recorded but never feed training or a gate of self-training.
+
+use crate::answer::{majority_vote, Solver, Trace};
+use crate::config::{Experiment, LabelMethod, StartSelfTraining};
+use crate::error::{Error, Result};
+use crate::eval::{evaluate, summarize};
+use crate::files::{csv_bytes, read_csv, Manifest};
+use crate::model::{compute_dtype, select_device};
+use crate::task::{parse_slow, sample_unique, Kind, Oracle, Problem};
+use crate::tokenizer::encode;
+use crate::train::{Example, TrainConfig, Trainer};
+use crate::weights::Model;
+use candle_core::Device;
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::seq::SliceRandom;
+use rand_pcg::Pcg64;
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+pub const STAGES_CSV: &str = "stages.csv";
+pub const ACCURACY_CSV: &str = "accuracy.csv";
+pub const GENERATION_CSV: &str = "generation.csv";
+pub const CONFIG_FILE: &str = "config.toml";
+const LOG_FILE: &str = "run.log";
+
+/// Data sizes of PROTOCOL.md section 5, per stage, before `data_scale`.
+const SLOW_NEW: usize = 10_000;
+const SLOW_OLD: usize = 1_000;
+const FAST_NEW: usize = 30_000;
+const FAST_OLD: usize = 3_000;
+/// Self-training (section 6) uses a tenth of them.
+const SELF_TRAINING_FRACTION: usize = 10;
+
+/// Independent random streams of a stage.
+mod streams {
+    pub const GATE: u128 = 1;
+    pub const DATA: u128 = 2;
+    pub const NEXT_LENGTH: u128 = 3;
+    pub const REPLAY: u128 = 4;
+    pub const EVAL: u128 = 5;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    Supervised,
+    #[serde(rename = "self")]
+    SelfTraining,
+    /// Only as `next_phase`: the run has ended.
+    Stop,
+}
+
+/// One row of stages.csv: what a stage did and what comes next.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StageRecord {
+    pub stage: usize,
+    pub phase: Phase,
+    pub digits: usize,
+    pub epochs: usize,
+    pub passed: bool,
+    /// Gate exact match, fast and one-step slow (self-training: against its own labels).
+    pub gate_fast: f64,
+    pub gate_slow: f64,
+    /// Supervised stages: exact match on digits + 1 against the ground truth (figure 3).
+    pub next_fast: Option<f64>,
+    pub next_slow: Option<f64>,
+    /// Self-training: problems the model labelled, and how many labels it kept.
+    pub generated: usize,
+    pub accepted: usize,
+    pub rejected: usize,
+    /// Training examples of the stage (new, replay and script), and those seen over its epochs.
+    pub train_examples: usize,
+    pub script_examples: usize,
+    pub consumed: usize,
+    /// Audited error rate of the accepted self-generated data (analysis only).
+    pub accepted_fast_error: Option<f64>,
+    pub accepted_slow_error: Option<f64>,
+    pub seconds: f64,
+    pub next_phase: Phase,
+    pub next_digits: usize,
+    pub stop_reason: String,
+}
+
+/// One row of accuracy.csv: a length evaluated after a stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AccuracyRecord {
+    pub stage: usize,
+    pub phase: Phase,
+    pub stage_digits: usize,
+    pub length: usize,
+    pub problems: usize,
+    pub fast: f64,
+    pub chain: f64,
+    pub slow: Option<f64>,
+}
+
+/// One row of generation.csv: a labelling method's audited quality (figure 5).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerationRecord {
+    pub stage: usize,
+    pub digits: usize,
+    pub kind: Kind,
+    pub method: String,
+    /// "none" or "commutativity".
+    pub check: String,
+    pub generated: usize,
+    pub kept: usize,
+    pub audited_errors: usize,
+    pub error_rate: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    Script,
+    Model,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Split {
+    Train,
+    Gate,
+    Unused,
+}
+
+/// One example of a stage's dataset CSV.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DataRow {
+    pub input: String,
+    pub target: String,
+    pub digits: usize,
+    pub kind: Kind,
+    pub origin: Origin,
+    /// script, slow-greedy, fast, simplify-only, simplify-then-guess; "replay:" marks reused rows.
+    pub method: String,
+    pub accepted: bool,
+    pub audited_correct: bool,
+    pub split: Split,
+}
+
+impl DataRow {
+    fn example(&self) -> Example {
+        (encode(&self.input), encode(&self.target))
+    }
+}
+
+/// Everything a stage produced.
+struct StageOutput {
+    record: StageRecord,
+    data: Vec<DataRow>,
+    accuracy: Vec<AccuracyRecord>,
+    generation: Vec<GenerationRecord>,
+}
+
+/// A gate example: the problem, how it is asked, and the answer expected.
+struct GateExample {
+    problem: Problem,
+    kind: Kind,
+    target: String,
+}
+
+pub struct Run<'a> {
+    pub experiment: Experiment,
+    pub dir: PathBuf,
+    oracle: &'a dyn Oracle,
+    device: Device,
+    records: Vec<StageRecord>,
+    accuracy: Vec<AccuracyRecord>,
+    generation: Vec<GenerationRecord>,
+    manifest: Manifest,
+}
+
+/// Runs an experiment to its end, resuming from its run directory under
+/// `runs_root` if there is one. Returns every stage's record.
+pub fn run(experiment: Experiment, runs_root: &Path, oracle: &dyn Oracle) -> Result<Vec<StageRecord>> {
+    let mut run = Run::open(experiment, runs_root, oracle)?;
+    let mut trainer = run.trainer()?;
+    loop {
+        let (phase, digits) = match run.records.last() {
+            None => (Phase::Supervised, run.experiment.supervised.first_digits),
+            Some(last) if last.next_phase == Phase::Stop => break,
+            Some(last) => (last.next_phase, last.next_digits),
+        };
+        let stage = run.records.len() + 1;
+        let started = Instant::now();
+        let mut output = match phase {
+            Phase::Supervised => run.supervised_stage(&mut trainer, stage, digits)?,
+            _ => run.self_training_stage(&mut trainer, stage, digits)?,
+        };
+        output.record.seconds = started.elapsed().as_secs_f64();
+        run.finish_stage(&trainer, output)?;
+    }
+    Ok(run.records)
+}
+
+/// Exact-match rate of `hits` (0 for an empty set).
+fn rate(hits: usize, total: usize) -> f64 {
+    if total == 0 {
+        0.0
+    } else {
+        hits as f64 / total as f64
+    }
+}
+
+/// For each problem: whether it and its commutative twin got the same,
+/// parsable answer. A problem whose twin is not in the set does not agree.
+fn twins_agree(problems: &[Problem], answers: &[Option<String>]) -> Vec<bool> {
+    let index: HashMap<&Problem, usize> = problems.iter().enumerate().map(|(i, p)| (p, i)).collect();
+    problems
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let twin = index.get(&p.twin());
+            answers[i].is_some() && twin.is_some_and(|&j| answers[j] == answers[i])
+        })
+        .collect()
+}
+
+impl<'a> Run<'a> {
+    /// Opens (or creates) the run directory, refusing one made by another config.
+    pub fn open(experiment: Experiment, runs_root: &Path, oracle: &'a dyn Oracle) -> Result<Self> {
+        let dir = runs_root.join(&experiment.name);
+        let config_path = dir.join(CONFIG_FILE);
+        let canonical = experiment.to_toml();
+        if config_path.exists() {
+            let stored = String::from_utf8_lossy(&crate::files::read(&config_path)?).into_owned();
+            if stored != canonical {
+                return Err(Error::format(
+                    &dir,
+                    format!(
+                        "was made by another config than experiment `{}`. Fix: give the experiment another name, \
+                         or move the directory away to start afresh (compare {} with the experiment file)",
+                        experiment.name,
+                        config_path.display()
+                    ),
+                ));
+            }
+        }
+        std::fs::create_dir_all(dir.join("data")).map_err(|e| Error::io(&dir, e))?;
+        let mut manifest =
+            if dir.join(crate::files::MANIFEST).exists() { Manifest::load(&dir)? } else { Manifest::default() };
+        manifest.write_file(&dir, CONFIG_FILE, canonical.as_bytes())?;
+        let records: Vec<StageRecord> = read_csv(&dir.join(STAGES_CSV))?;
+        let finished = records.len();
+        // Rows of a stage that was cut short are dropped; the stage runs again.
+        let mut accuracy: Vec<AccuracyRecord> = read_csv(&dir.join(ACCURACY_CSV))?;
+        accuracy.retain(|r| r.stage <= finished);
+        let mut generation: Vec<GenerationRecord> = read_csv(&dir.join(GENERATION_CSV))?;
+        generation.retain(|r| r.stage <= finished);
+        let device = select_device(&experiment.model.device)?;
+        let run = Run { experiment, dir, oracle, device, records, accuracy, generation, manifest };
+        if finished > 0 {
+            run.log(&format!("resuming after stage {finished}"));
+        }
+        Ok(run)
+    }
+
+    fn checkpoint_dir(&self, stage: usize) -> PathBuf {
+        self.dir.join("checkpoints").join(format!("stage-{stage:02}"))
+    }
+
+    fn data_file(stage: usize) -> String {
+        format!("data/stage-{stage:02}.csv")
+    }
+
+    /// The trainer at the end of the last finished stage, or a fresh one.
+    fn trainer(&self) -> Result<Trainer> {
+        if !self.records.is_empty() {
+            return Trainer::load(&self.checkpoint_dir(self.records.len()), &self.device);
+        }
+        let e = &self.experiment;
+        let model = match (e.model_config(), &e.model.weights) {
+            (Some(cfg), _) => Model::random(&cfg, e.seed, &self.device, compute_dtype(&self.device))?,
+            (None, Some(weights)) => Model::load(weights, &self.device)?,
+            (None, None) => unreachable!("checked when the config was read"),
+        };
+        let t = &e.train;
+        let config = TrainConfig {
+            lr: t.lr,
+            batch_size: t.batch_size,
+            max_tokens_per_micro_batch: t.max_tokens_per_micro_batch,
+            dropout: t.dropout,
+            seed: e.seed,
+        };
+        Trainer::new(model, config)
+    }
+
+    fn rng(&self, slot: usize, stream: u128) -> Pcg64 {
+        Pcg64::new(((self.experiment.seed as u128) << 64) | slot as u128, stream)
+    }
+
+    fn solver<'m>(&self, trainer: &'m Trainer) -> Solver<'m> {
+        Solver {
+            model: &trainer.model.t5,
+            format: self.experiment.task.slow_format,
+            decode_batch: self.experiment.eval.decode_batch,
+        }
+    }
+
+    fn log(&self, line: &str) {
+        eprintln!("[{}] {line}", self.experiment.name);
+        let appended = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(LOG_FILE))
+            .and_then(|mut f| writeln!(f, "{line}"));
+        if let Err(e) = appended {
+            eprintln!("warning: cannot append to {}: {e}", self.dir.join(LOG_FILE).display());
+        }
+    }
+
+    /// The digits of the last supervised stage: ground truth is used up to here.
+    fn supervised_cap(&self) -> usize {
+        self.records.iter().filter(|r| r.phase == Phase::Supervised).map(|r| r.digits).max().unwrap_or(0)
+    }
+
+    /// Script (ground-truth) rows for `count` problems of `length` digits,
+    /// duplicated up to a third of `count` when fewer unique problems exist.
+    fn script_rows(
+        &self,
+        rng: &mut Pcg64,
+        length: usize,
+        kind: Kind,
+        count: usize,
+        exclude: &HashSet<Problem>,
+    ) -> Vec<DataRow> {
+        let problems = sample_unique(rng, length, count, exclude);
+        let minimum = count.div_ceil(3);
+        let copies = if problems.is_empty() { 0 } else { minimum.div_ceil(problems.len()).max(1) };
+        let format = self.experiment.task.slow_format;
+        let rows: Vec<DataRow> = problems
+            .iter()
+            .map(|p| DataRow {
+                input: p.prompt(kind),
+                target: self.oracle.target(p, kind, format),
+                digits: length,
+                kind,
+                origin: Origin::Script,
+                method: "script".into(),
+                accepted: true,
+                audited_correct: true,
+                split: Split::Train,
+            })
+            .collect();
+        let mut all = Vec::with_capacity(rows.len() * copies);
+        for _ in 0..copies {
+            all.extend(rows.iter().cloned());
+        }
+        all
+    }
+
+    /// Trains epoch by epoch until the gate passes or `max_epochs` is
+    /// reached. Returns (epochs, gate fast, gate slow, passed).
+    fn train_until_gate(
+        &self,
+        trainer: &mut Trainer,
+        train: &[Example],
+        gate: &[GateExample],
+        thresholds: (f64, f64),
+        label: &str,
+    ) -> Result<(usize, f64, f64, bool)> {
+        let t = &self.experiment.train;
+        let bar = ProgressBar::new((train.len() * t.max_epochs) as u64).with_style(
+            ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} examples, {per_sec}, ETA {eta}")
+                .expect("valid template"),
+        );
+        let mut result = (0, 0.0, 0.0, false);
+        for epoch in 1..=t.max_epochs {
+            bar.set_message(format!("{label} epoch {epoch}/{}", t.max_epochs));
+            trainer.epoch_with_progress(train, |examples, _| bar.inc(examples as u64))?;
+            if epoch < t.min_epochs {
+                continue;
+            }
+            let (fast, slow) = self.gate_accuracy(trainer, gate)?;
+            result = (epoch, fast, slow, fast >= thresholds.0 && slow >= thresholds.1);
+            if result.3 {
+                break;
+            }
+        }
+        bar.finish_and_clear();
+        Ok(result)
+    }
+
+    /// Exact match of the model's greedy outputs with the gate targets, fast and slow.
+    fn gate_accuracy(&self, trainer: &Trainer, gate: &[GateExample]) -> Result<(f64, f64)> {
+        let solver = self.solver(trainer);
+        let mut rates = [0.0; 2];
+        for (slot, kind) in [Kind::Fast, Kind::Slow].into_iter().enumerate() {
+            let examples: Vec<&GateExample> = gate.iter().filter(|g| g.kind == kind).collect();
+            let problems: Vec<Problem> = examples.iter().map(|g| g.problem.clone()).collect();
+            let outputs = solver.ask(&problems, kind)?;
+            let hits = outputs.iter().zip(&examples).filter(|(out, g)| **out == g.target).count();
+            rates[slot] = rate(hits, examples.len());
+        }
+        Ok((rates[0], rates[1]))
+    }
+
+    /// Accuracy on lengths 1..=digits + lengths_beyond, fast, by chain and
+    /// one-step slow, on the same problems after every stage.
+    fn evaluate_lengths(
+        &self,
+        trainer: &Trainer,
+        stage: usize,
+        phase: Phase,
+        digits: usize,
+    ) -> Result<Vec<AccuracyRecord>> {
+        let e = &self.experiment.eval;
+        let mut problems = Vec::new();
+        for length in 1..=digits + e.lengths_beyond {
+            let mut rng = self.rng(length, streams::EVAL);
+            problems.extend(sample_unique(&mut rng, length, e.problems_per_length, &HashSet::new()));
+        }
+        let results = evaluate(&self.solver(trainer), &problems, self.oracle)?;
+        Ok(summarize(&results)
+            .into_iter()
+            .map(|s| AccuracyRecord {
+                stage,
+                phase,
+                stage_digits: digits,
+                length: s.digits,
+                problems: s.problems,
+                fast: s.fast_accuracy,
+                chain: s.chain_accuracy,
+                slow: s.slow_accuracy,
+            })
+            .collect())
+    }
+
+    /// Stage N of the curriculum: script data on 1..N digits, trained until
+    /// the gate on held-out N-digit problems passes.
+    fn supervised_stage(&self, trainer: &mut Trainer, stage: usize, n: usize) -> Result<StageOutput> {
+        let e = &self.experiment;
+        let format = e.task.slow_format;
+        let gate_size = e.supervised.gate_size;
+        // Held-out problems first, so that the training data avoids them.
+        let mut rng = self.rng(stage, streams::GATE);
+        let gate_fast = sample_unique(&mut rng, n, gate_size, &HashSet::new());
+        let gate_slow = sample_unique(&mut rng, n, gate_size, &gate_fast.iter().cloned().collect());
+        let held_out: HashSet<Problem> = gate_fast.iter().chain(&gate_slow).cloned().collect();
+        let gate: Vec<GateExample> = [(Kind::Fast, &gate_fast), (Kind::Slow, &gate_slow)]
+            .into_iter()
+            .flat_map(|(kind, problems)| {
+                problems.iter().map(move |p| GateExample {
+                    problem: p.clone(),
+                    kind,
+                    target: self.oracle.target(p, kind, format),
+                })
+            })
+            .collect();
+
+        let mut rng = self.rng(stage, streams::DATA);
+        let mut data = Vec::new();
+        for length in 1..=n {
+            let fast = e.scaled(if length == n { FAST_NEW } else { FAST_OLD });
+            data.extend(self.script_rows(&mut rng, length, Kind::Fast, fast, &held_out));
+            if length >= 2 {
+                let slow = e.scaled(if length == n { SLOW_NEW } else { SLOW_OLD });
+                data.extend(self.script_rows(&mut rng, length, Kind::Slow, slow, &held_out));
+            }
+        }
+        let train: Vec<Example> = data.iter().map(DataRow::example).collect();
+        data.extend(gate.iter().map(|g| DataRow {
+            input: g.problem.prompt(g.kind),
+            target: g.target.clone(),
+            digits: n,
+            kind: g.kind,
+            origin: Origin::Script,
+            method: "script".into(),
+            accepted: true,
+            audited_correct: true,
+            split: Split::Gate,
+        }));
+
+        let label = format!("stage {stage} supervised 1..{n}");
+        let thresholds = (e.supervised.fast_gate, e.supervised.slow_gate);
+        let (epochs, fast, slow, passed) = self.train_until_gate(trainer, &train, &gate, thresholds, &label)?;
+
+        // Figure 3: how the model does one length beyond, fast and slow.
+        let mut rng = self.rng(stage, streams::NEXT_LENGTH);
+        let next: Vec<GateExample> = sample_unique(&mut rng, n + 1, gate_size, &HashSet::new())
+            .into_iter()
+            .flat_map(|p| {
+                [Kind::Fast, Kind::Slow].map(|kind| GateExample {
+                    target: self.oracle.target(&p, kind, format),
+                    problem: p.clone(),
+                    kind,
+                })
+            })
+            .collect();
+        let (next_fast, next_slow) = self.gate_accuracy(trainer, &next)?;
+
+        let (next_phase, next_digits, stop_reason) = match e.supervised.start_self_training {
+            _ if !passed => (Phase::Stop, 0, format!("supervised stage {n} did not pass its gate in {epochs} epochs")),
+            StartSelfTraining::AfterDigits(last) if n >= last => (Phase::SelfTraining, n + 1, String::new()),
+            StartSelfTraining::When(_) if next_slow >= e.supervised.generalise_threshold => {
+                (Phase::SelfTraining, n + 1, String::new())
+            }
+            StartSelfTraining::When(_) if n >= e.supervised.max_digits => {
+                (Phase::Stop, 0, format!("slow did not generalise to {} digits by supervised.max_digits", n + 1))
+            }
+            _ => (Phase::Supervised, n + 1, String::new()),
+        };
+        let (next_phase, next_digits, stop_reason) =
+            if next_phase == Phase::SelfTraining && n >= e.self_training.last_digits {
+                (Phase::Stop, 0, format!("reached self_training.last_digits ({})", e.self_training.last_digits))
+            } else {
+                (next_phase, next_digits, stop_reason)
+            };
+        let record = StageRecord {
+            stage,
+            phase: Phase::Supervised,
+            digits: n,
+            epochs,
+            passed,
+            gate_fast: fast,
+            gate_slow: slow,
+            next_fast: Some(next_fast),
+            next_slow: Some(next_slow),
+            generated: 0,
+            accepted: 0,
+            rejected: 0,
+            train_examples: train.len(),
+            script_examples: train.len(),
+            consumed: train.len() * epochs,
+            accepted_fast_error: None,
+            accepted_slow_error: None,
+            seconds: 0.0,
+            next_phase,
+            next_digits,
+            stop_reason,
+        };
+        let accuracy = self.evaluate_lengths(trainer, stage, Phase::Supervised, n)?;
+        Ok(StageOutput { record, data, accuracy, generation: Vec::new() })
+    }
+
+    /// Self-training on M digits: the model labels new problems, keeps the
+    /// labels that pass the checks, and trains on them with replay.
+    fn self_training_stage(&self, trainer: &mut Trainer, stage: usize, m: usize) -> Result<StageOutput> {
+        let e = &self.experiment;
+        let st = &e.self_training;
+        let format = e.task.slow_format;
+        let started = Instant::now();
+        let mut rng = self.rng(stage, streams::DATA);
+        let slow_problems = sample_unique(&mut rng, m, e.scaled(SLOW_NEW / SELF_TRAINING_FRACTION), &HashSet::new());
+        let fast_problems = sample_unique(&mut rng, m, e.scaled(FAST_NEW / SELF_TRAINING_FRACTION), &HashSet::new());
+
+        let solver = self.solver(trainer);
+        // Slow labels: the model's own slow step, checked by simplify-only on the twins.
+        let slow_traces = solver.simplify_only(&slow_problems)?;
+        let slow_answers: Vec<Option<String>> = slow_traces.iter().map(|t| t.candidates[0].clone()).collect();
+        let slow_agree = twins_agree(&slow_problems, &slow_answers);
+        // Fast labels by every method, for figure 5; the configured one is kept.
+        let stg: Vec<Trace> = solver.simplify_then_guess(&fast_problems, st.k)?;
+        let methods: [(LabelMethod, &str, Vec<Option<String>>); 3] = [
+            (LabelMethod::Fast, "fast", solver.fast(&fast_problems)?),
+            (LabelMethod::SimplifyOnly, "simplify-only", stg.iter().map(|t| t.candidates[0].clone()).collect()),
+            (
+                LabelMethod::SimplifyThenGuess,
+                "simplify-then-guess",
+                stg.iter().map(|t| majority_vote(&t.candidates)).collect(),
+            ),
+        ];
+        self.log(&format!(
+            "stage {stage} self {m}: labelled {} slow and {} fast problems in {:.1} s",
+            slow_problems.len(),
+            fast_problems.len(),
+            started.elapsed().as_secs_f64()
+        ));
+
+        // Audits (ground truth, analysis only) and figure 5's error rates.
+        let mut generation = Vec::new();
+        let mut record_generation = |kind: Kind, method: &str, kept: &[bool], correct: &[bool]| {
+            for (check, use_check) in [("none", false), ("commutativity", true)] {
+                let kept_rows: Vec<usize> = (0..kept.len()).filter(|&i| kept[i] || !use_check).collect();
+                let errors = kept_rows.iter().filter(|&&i| !correct[i]).count();
+                generation.push(GenerationRecord {
+                    stage,
+                    digits: m,
+                    kind,
+                    method: method.to_string(),
+                    check: check.into(),
+                    generated: kept.len(),
+                    kept: kept_rows.len(),
+                    audited_errors: errors,
+                    error_rate: (!kept_rows.is_empty()).then(|| rate(errors, kept_rows.len())),
+                });
+            }
+        };
+        let slow_outputs: Vec<&String> = slow_traces.iter().map(|t| &t.slow_outputs[0]).collect();
+        let slow_correct: Vec<bool> = slow_problems
+            .iter()
+            .zip(&slow_outputs)
+            .map(|(p, out)| **out == self.oracle.slow_target(p, format))
+            .collect();
+        record_generation(Kind::Slow, "slow-greedy", &slow_agree, &slow_correct);
+        let mut fast_label = (Vec::new(), Vec::new(), Vec::new(), "");
+        for (method, name, answers) in methods {
+            let agree = twins_agree(&fast_problems, &answers);
+            let correct: Vec<bool> =
+                fast_problems.iter().zip(&answers).map(|(p, a)| a.as_ref() == Some(&self.oracle.sum(p))).collect();
+            record_generation(Kind::Fast, name, &agree, &correct);
+            if method == st.fast_labels {
+                fast_label = (answers, agree, correct, name);
+            }
+        }
+        let (fast_answers, fast_agree, fast_correct, fast_method) = fast_label;
+
+        // What is accepted: a parsable label that, when the check is on, its twin agrees with.
+        let keep = |parsed: bool, agree: bool| parsed && (agree || !st.commutativity_check);
+        let slow_keep: Vec<bool> = (0..slow_problems.len())
+            .map(|i| keep(parse_slow(slow_outputs[i], format).is_some() && slow_answers[i].is_some(), slow_agree[i]))
+            .collect();
+        let fast_keep: Vec<bool> =
+            (0..fast_problems.len()).map(|i| keep(fast_answers[i].is_some(), fast_agree[i])).collect();
+        let mut data: Vec<DataRow> = Vec::new();
+        for (i, p) in slow_problems.iter().enumerate() {
+            data.push(DataRow {
+                input: p.prompt(Kind::Slow),
+                target: slow_outputs[i].clone(),
+                digits: m,
+                kind: Kind::Slow,
+                origin: Origin::Model,
+                method: "slow-greedy".into(),
+                accepted: slow_keep[i],
+                audited_correct: slow_correct[i],
+                split: Split::Unused,
+            });
+        }
+        for (i, p) in fast_problems.iter().enumerate() {
+            data.push(DataRow {
+                input: p.prompt(Kind::Fast),
+                target: fast_answers[i].as_ref().map(|a| format!("A: {a}")).unwrap_or_default(),
+                digits: m,
+                kind: Kind::Fast,
+                origin: Origin::Model,
+                method: fast_method.into(),
+                accepted: fast_keep[i],
+                audited_correct: fast_correct[i],
+                split: Split::Unused,
+            });
+        }
+        let accepted_fast = fast_keep.iter().filter(|&&k| k).count();
+        let accepted_slow = slow_keep.iter().filter(|&&k| k).count();
+        let audited_error = |keep: &[bool], correct: &[bool]| {
+            let kept = keep.iter().filter(|&&k| k).count();
+            (kept > 0).then(|| rate((0..keep.len()).filter(|&i| keep[i] && !correct[i]).count(), kept))
+        };
+        let acceptance = rate(accepted_fast, fast_problems.len());
+
+        // Hold out part of the accepted data for the gate; the rest trains.
+        let mut rng = self.rng(stage, streams::GATE);
+        for kind in [Kind::Fast, Kind::Slow] {
+            let mut accepted: Vec<usize> =
+                (0..data.len()).filter(|&i| data[i].kind == kind && data[i].accepted).collect();
+            accepted.shuffle(&mut rng);
+            let held = st.gate_size.min(accepted.len() / 2);
+            for (j, &i) in accepted.iter().enumerate() {
+                data[i].split = if j < held { Split::Gate } else { Split::Train };
+            }
+        }
+        // The data rows so far are the slow problems, then the fast ones, in order.
+        let generated: Vec<&Problem> = slow_problems.iter().chain(&fast_problems).collect();
+        let gate: Vec<GateExample> = (0..generated.len())
+            .filter(|&i| data[i].split == Split::Gate)
+            .map(|i| GateExample { problem: generated[i].clone(), kind: data[i].kind, target: data[i].target.clone() })
+            .collect();
+
+        // A gate with a positive threshold needs held-out examples of its kind.
+        let held_out = |kind: Kind| gate.iter().filter(|g| g.kind == kind).count();
+        let mut stop_reason = String::new();
+        if (held_out(Kind::Fast) == 0 && e.supervised.fast_gate > 0.0)
+            || (held_out(Kind::Slow) == 0 && e.supervised.slow_gate > 0.0)
+        {
+            stop_reason = format!(
+                "too few labels passed the checks to hold out a gate ({accepted_fast} fast, {accepted_slow} slow)"
+            );
+        } else if acceptance < st.stop_below_acceptance {
+            stop_reason = format!("acceptance {acceptance:.3} fell below self_training.stop_below_acceptance");
+        }
+
+        // Replay: script data inside the supervised range, the model's own
+        // accepted data for lengths it taught itself.
+        data.extend(self.replay_rows(stage, m)?);
+        let train: Vec<Example> = data.iter().filter(|r| r.split == Split::Train).map(DataRow::example).collect();
+        let script_examples = data.iter().filter(|r| r.split == Split::Train && r.origin == Origin::Script).count();
+
+        let (epochs, gate_fast, gate_slow, passed) = if stop_reason.is_empty() {
+            let label = format!("stage {stage} self {m}");
+            let thresholds = (e.supervised.fast_gate, e.supervised.slow_gate);
+            self.train_until_gate(trainer, &train, &gate, thresholds, &label)?
+        } else {
+            (0, 0.0, 0.0, false)
+        };
+        let accepted_fast_error = audited_error(&fast_keep, &fast_correct);
+        if stop_reason.is_empty() && !passed {
+            stop_reason = format!("self-training stage {m} did not pass its gate in {epochs} epochs");
+        }
+        if let (true, Some(limit), Some(error)) =
+            (stop_reason.is_empty(), st.stop_below_audited_accuracy, accepted_fast_error)
+        {
+            if 1.0 - error < limit {
+                stop_reason = format!("audited accuracy of accepted fast data {:.3} fell below {limit}", 1.0 - error);
+            }
+        }
+        if stop_reason.is_empty() && m >= st.last_digits {
+            stop_reason = format!("reached self_training.last_digits ({})", st.last_digits);
+        }
+        let (next_phase, next_digits) =
+            if stop_reason.is_empty() { (Phase::SelfTraining, m + 1) } else { (Phase::Stop, 0) };
+        let accuracy =
+            if epochs > 0 { self.evaluate_lengths(trainer, stage, Phase::SelfTraining, m)? } else { Vec::new() };
+        let record = StageRecord {
+            stage,
+            phase: Phase::SelfTraining,
+            digits: m,
+            epochs,
+            passed,
+            gate_fast,
+            gate_slow,
+            next_fast: None,
+            next_slow: None,
+            generated: slow_problems.len() + fast_problems.len(),
+            accepted: accepted_fast + accepted_slow,
+            rejected: slow_problems.len() + fast_problems.len() - accepted_fast - accepted_slow,
+            train_examples: train.len(),
+            script_examples,
+            consumed: train.len() * epochs,
+            accepted_fast_error,
+            accepted_slow_error: audited_error(&slow_keep, &slow_correct),
+            seconds: 0.0,
+            next_phase,
+            next_digits,
+            stop_reason,
+        };
+        Ok(StageOutput { record, data, accuracy, generation })
+    }
+
+    /// Replay for self-training on `m` digits, at a tenth of section 5's
+    /// sizes per length: script data for lengths inside the supervised range
+    /// (never above it), and a sample of the model's own accepted data from
+    /// earlier self-training stages for the lengths it taught itself.
+    fn replay_rows(&self, stage: usize, m: usize) -> Result<Vec<DataRow>> {
+        let e = &self.experiment;
+        let cap = self.supervised_cap();
+        let fast = e.scaled(FAST_OLD / SELF_TRAINING_FRACTION);
+        let slow = e.scaled(SLOW_OLD / SELF_TRAINING_FRACTION);
+        let mut rng = self.rng(stage, streams::REPLAY);
+        let mut rows = Vec::new();
+        for length in 1..=cap {
+            rows.extend(self.script_rows(&mut rng, length, Kind::Fast, fast, &HashSet::new()));
+            if length >= 2 {
+                rows.extend(self.script_rows(&mut rng, length, Kind::Slow, slow, &HashSet::new()));
+            }
+        }
+        let earlier = self.records.iter().filter(|r| r.phase == Phase::SelfTraining && r.digits < m && r.digits > cap);
+        for record in earlier {
+            let own: Vec<DataRow> = read_csv(&self.dir.join(Self::data_file(record.stage)))?;
+            for (kind, count) in [(Kind::Fast, fast), (Kind::Slow, slow)] {
+                let mut pool: Vec<&DataRow> = own
+                    .iter()
+                    .filter(|r| r.kind == kind && r.accepted && r.origin == Origin::Model && r.digits == record.digits)
+                    .filter(|r| !r.method.starts_with("replay:"))
+                    .collect();
+                pool.shuffle(&mut rng);
+                rows.extend(pool.into_iter().take(count).map(|r| DataRow {
+                    method: format!("replay:{}", r.method),
+                    split: Split::Train,
+                    ..r.clone()
+                }));
+            }
+        }
+        Ok(rows)
+    }
+
+    /// Writes a finished stage: dataset, checkpoint, results CSVs, manifest,
+    /// in that order, so a stage counts as finished only once its row is in
+    /// stages.csv and everything it needs is on disk.
+    fn finish_stage(&mut self, trainer: &Trainer, output: StageOutput) -> Result<()> {
+        let stage = output.record.stage;
+        let data_file = Self::data_file(stage);
+        let bytes = csv_bytes(&output.data, &self.dir.join(&data_file))?;
+        self.manifest.write_file(&self.dir, &data_file, &bytes)?;
+        let checkpoint = self.checkpoint_dir(stage);
+        trainer.save(&checkpoint)?;
+        let prefix = checkpoint.strip_prefix(&self.dir).expect("inside the run").display().to_string();
+        for (name, hash) in Manifest::load(&checkpoint)?.entries {
+            self.manifest.entries.insert(format!("{prefix}/{name}"), hash);
+        }
+        let checkpoint_manifest = checkpoint.join(crate::files::MANIFEST);
+        self.manifest
+            .entries
+            .insert(format!("{prefix}/{}", crate::files::MANIFEST), crate::files::sha256_file(&checkpoint_manifest)?);
+        self.accuracy.extend(output.accuracy);
+        self.generation.extend(output.generation);
+        self.log(&stage_summary(&output.record));
+        self.records.push(output.record);
+        for (name, bytes) in [
+            (ACCURACY_CSV, csv_bytes(&self.accuracy, &self.dir.join(ACCURACY_CSV))?),
+            (GENERATION_CSV, csv_bytes(&self.generation, &self.dir.join(GENERATION_CSV))?),
+            (STAGES_CSV, csv_bytes(&self.records, &self.dir.join(STAGES_CSV))?),
+        ] {
+            self.manifest.write_file(&self.dir, name, &bytes)?;
+        }
+        self.manifest.save(&self.dir)
+    }
+}
+
+/// The one-line summary of a stage.
+pub fn stage_summary(r: &StageRecord) -> String {
+    let phase = match r.phase {
+        Phase::Supervised => "supervised",
+        _ => "self",
+    };
+    let mut line = format!(
+        "stage {} {phase} {} digits: {} epochs, gate fast {:.2} slow {:.2}{}",
+        r.stage,
+        r.digits,
+        r.epochs,
+        r.gate_fast,
+        r.gate_slow,
+        if r.passed { " (passed)" } else { "" }
+    );
+    if let (Some(fast), Some(slow)) = (r.next_fast, r.next_slow) {
+        line += &format!(", on {} digits fast {fast:.2} slow {slow:.2}", r.digits + 1);
+    }
+    if r.phase == Phase::SelfTraining {
+        line += &format!(", accepted {}/{}", r.accepted, r.generated);
+        let pct = |e: Option<f64>| e.map_or("-".to_string(), |e| format!("{:.1} %", 100.0 * e));
+        line += &format!(", audited error fast {} slow {}", pct(r.accepted_fast_error), pct(r.accepted_slow_error));
+    }
+    line += &format!(", {:.1} s", r.seconds);
+    if !r.stop_reason.is_empty() {
+        line += &format!("; stop: {}", r.stop_reason);
+    }
+    line
+}

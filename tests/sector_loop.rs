@@ -1,0 +1,218 @@
+//! The SECToR loop on the micro config (experiments/micro.toml: supervised
+//! to 3 digits, self-training to 5): a killed run resumes to the same result,
+//! datasets are deterministic, no ground truth above the supervised cap
+//! reaches training, and a run directory refuses a different config.
+
+use sector::config::Experiment;
+use sector::files::{read_csv, sha256_file};
+use sector::sector::{run, DataRow, Phase, StageRecord};
+use sector::task::{Oracle, Problem, SlowFormat, TrueOracle};
+use std::cell::Cell;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+fn micro_config() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("experiments/micro.toml")
+}
+
+fn micro() -> Experiment {
+    Experiment::load(&micro_config()).unwrap()
+}
+
+/// Ground truth that lies about every problem longer than `cap` digits,
+/// and counts how often it lied.
+struct PoisonedOracle {
+    cap: usize,
+    lies: Cell<usize>,
+}
+
+impl PoisonedOracle {
+    fn new(cap: usize) -> Self {
+        PoisonedOracle { cap, lies: Cell::new(0) }
+    }
+
+    fn poison(&self, p: &Problem, truth: String, lie: impl FnOnce(String) -> String) -> String {
+        if p.digits() <= self.cap {
+            return truth;
+        }
+        self.lies.set(self.lies.get() + 1);
+        lie(truth)
+    }
+}
+
+impl Oracle for PoisonedOracle {
+    fn sum(&self, p: &Problem) -> String {
+        self.poison(p, p.sum(), |truth| truth + "7")
+    }
+
+    fn slow_target(&self, p: &Problem, format: SlowFormat) -> String {
+        self.poison(p, p.slow_target(format), |truth| truth.replace("Next", "Then"))
+    }
+}
+
+/// The uninterrupted run with the true oracle, shared by the tests.
+fn reference_run() -> &'static Path {
+    static RUN: OnceLock<(tempfile::TempDir, Vec<StageRecord>)> = OnceLock::new();
+    let (dir, _) = RUN.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let records = run(micro(), dir.path(), &TrueOracle).unwrap();
+        (dir, records)
+    });
+    dir.path()
+}
+
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files.extend(files_under(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files.sort();
+    files
+}
+
+/// Stage records without their wall times.
+fn records_without_time(run_dir: &Path) -> Vec<StageRecord> {
+    let mut records: Vec<StageRecord> = read_csv(&run_dir.join("stages.csv")).unwrap();
+    for r in &mut records {
+        r.seconds = 0.0;
+    }
+    records
+}
+
+#[test]
+fn the_micro_run_goes_from_supervised_3_to_self_taught_5() {
+    let records = records_without_time(&reference_run().join("micro"));
+    let stages: Vec<(Phase, usize)> = records.iter().map(|r| (r.phase, r.digits)).collect();
+    assert_eq!(stages, vec![(Phase::Supervised, 3), (Phase::SelfTraining, 4), (Phase::SelfTraining, 5)]);
+    assert_eq!(records.last().unwrap().next_phase, Phase::Stop);
+    assert!(records.iter().all(|r| r.epochs == 4 && r.train_examples > 0));
+    // Every file the run wrote is in its manifest, with the right hash.
+    let dir = reference_run().join("micro");
+    let manifest = sector::files::Manifest::load(&dir).unwrap();
+    manifest.verify(&dir).unwrap();
+    for file in files_under(&dir) {
+        let name = file.strip_prefix(&dir).unwrap().to_str().unwrap().to_string();
+        if name != "manifest.sha256" && name != "run.log" {
+            assert!(manifest.entries.contains_key(&name), "{name} is not in the manifest");
+        }
+    }
+}
+
+#[test]
+fn a_killed_run_resumes_to_the_same_result() {
+    let runs = tempfile::tempdir().unwrap();
+    let stages_csv = runs.path().join("micro/stages.csv");
+    let sector = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_sector"))
+            .args(["run", micro_config().to_str().unwrap(), "--runs-dir", runs.path().to_str().unwrap()])
+            .args(args)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut child = sector(&[]);
+    // Kill it as soon as the first stage is recorded: it is then inside stage 2.
+    let started = Instant::now();
+    while read_csv::<StageRecord>(&stages_csv).map(|r| r.len()).unwrap_or(0) < 1 {
+        assert!(started.elapsed() < Duration::from_secs(600), "stage 1 never finished");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let finished: Vec<StageRecord> = read_csv(&stages_csv).unwrap();
+    assert!(finished.len() < 3, "killed with {} of 3 stages done", finished.len());
+
+    assert!(sector(&[]).wait().unwrap().success(), "the resumed run succeeds");
+    let (resumed, reference) = (runs.path().join("micro"), reference_run().join("micro"));
+    assert_eq!(records_without_time(&resumed), records_without_time(&reference));
+    // Datasets, checkpoints and results: byte for byte.
+    let compared: Vec<PathBuf> = files_under(&reference)
+        .into_iter()
+        .filter(|f| !["stages.csv", "manifest.sha256", "run.log"].contains(&f.file_name().unwrap().to_str().unwrap()))
+        .collect();
+    assert!(compared.iter().any(|f| f.ends_with("data/stage-01.csv")));
+    for file in compared {
+        let twin = resumed.join(file.strip_prefix(&reference).unwrap());
+        assert_eq!(sha256_file(&file).unwrap(), sha256_file(&twin).unwrap(), "{}", file.display());
+    }
+}
+
+/// Equal row for row; on a difference, shows only the first one.
+fn assert_same_rows<T: PartialEq + std::fmt::Debug>(a: &[T], b: &[T], what: &str) {
+    if let Some(i) = (0..a.len().min(b.len())).find(|&i| a[i] != b[i]) {
+        panic!("{what} differ first at row {i}:\n  honest:    {:?}\n  poisoned:  {:?}", a[i], b[i]);
+    }
+    assert_eq!(a.len(), b.len(), "{what}: number of rows");
+}
+
+/// What training depends on: datasets without their audit column, the
+/// checkpoints, and the stage decisions without ground-truth measurements.
+fn training_view(run_dir: &Path) -> (Vec<Vec<DataRow>>, Vec<String>, Vec<StageRecord>) {
+    let mut data = Vec::new();
+    for stage in 1..=3 {
+        let mut rows: Vec<DataRow> = read_csv(&run_dir.join(format!("data/stage-{stage:02}.csv"))).unwrap();
+        rows.iter_mut().for_each(|r| r.audited_correct = false);
+        data.push(rows);
+    }
+    let checkpoints = files_under(&run_dir.join("checkpoints"))
+        .iter()
+        .filter(|f| f.extension().is_some_and(|e| e == "safetensors" || e == "json"))
+        .map(|f| sha256_file(f).unwrap())
+        .collect();
+    let mut records = records_without_time(run_dir);
+    for r in &mut records {
+        (r.next_fast, r.next_slow, r.accepted_fast_error, r.accepted_slow_error) = (None, None, None, None);
+    }
+    (data, checkpoints, records)
+}
+
+#[test]
+fn no_ground_truth_above_the_supervised_cap_reaches_training() {
+    let poisoned = tempfile::tempdir().unwrap();
+    let oracle = PoisonedOracle::new(3);
+    run(micro(), poisoned.path(), &oracle).unwrap();
+    let reference = reference_run().join("micro");
+    let (honest, lied_to) = (training_view(&reference), training_view(&poisoned.path().join("micro")));
+    for (stage, (a, b)) in honest.0.iter().zip(&lied_to.0).enumerate() {
+        assert_same_rows(a, b, &format!("dataset of stage {}", stage + 1));
+    }
+    assert_same_rows(&honest.1, &lied_to.1, "checkpoint hashes");
+    assert_same_rows(&honest.2, &lied_to.2, "stage records");
+    // The lies were told: to what may read the truth above the cap (audits
+    // of generated data, evaluation of 4- and 5-digit problems).
+    assert!(oracle.lies.get() > 0, "the poisoned oracle was consulted");
+}
+
+#[test]
+fn the_poison_test_can_fail_a_leak_inside_the_cap_changes_training() {
+    // The same lie told from 3 digits up reaches the supervised data of stage 1,
+    // so this comparison is able to see a leak.
+    let poisoned = tempfile::tempdir().unwrap();
+    let mut experiment = micro();
+    experiment.self_training.last_digits = 3; // only the supervised stage is needed
+    run(experiment, poisoned.path(), &PoisonedOracle::new(2)).unwrap();
+    let honest: Vec<DataRow> = read_csv(&reference_run().join("micro/data/stage-01.csv")).unwrap();
+    let lied_to: Vec<DataRow> = read_csv(&poisoned.path().join("micro/data/stage-01.csv")).unwrap();
+    assert_ne!(honest, lied_to);
+    let weights = |dir: &Path| sha256_file(&dir.join("checkpoints/stage-01/model.safetensors")).unwrap();
+    assert_ne!(weights(&reference_run().join("micro")), weights(&poisoned.path().join("micro")));
+}
+
+#[test]
+fn a_run_directory_made_by_another_config_is_refused() {
+    let runs = tempfile::tempdir().unwrap();
+    let mut experiment = micro();
+    experiment.self_training.last_digits = 3;
+    run(experiment.clone(), runs.path(), &TrueOracle).unwrap();
+    experiment.train.lr = 5e-4;
+    let err = run(experiment, runs.path(), &TrueOracle).unwrap_err().to_string();
+    assert!(err.contains("micro") && err.contains("another config") && err.contains("Fix"), "{err}");
+}
