@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 use crate::eval::{evaluate, summarize};
 use crate::files::{csv_bytes, read_csv, Manifest};
 use crate::model::{compute_dtype, select_device};
-use crate::task::{parse_slow, sample_unique, Kind, Oracle, Problem};
+use crate::task::{sample_unique, Kind, Oracle, Problem};
 use crate::tokenizer::encode;
 use crate::train::{Example, TrainConfig, Trainer};
 use crate::weights::Model;
@@ -168,6 +168,27 @@ struct StageOutput {
     data: Vec<DataRow>,
     accuracy: Vec<AccuracyRecord>,
     generation: Vec<GenerationRecord>,
+}
+
+/// New problems labelled by the model during self-training.
+struct Labels {
+    /// One row per problem: the slow problems, then the fast ones.
+    rows: Vec<DataRow>,
+    /// The problem of each row.
+    problems: Vec<Problem>,
+    fast_problems: Vec<Problem>,
+    /// Simplify-only answers that check the slow labels.
+    slow_answers: Vec<Option<String>>,
+    /// Fast answers by every labelling method.
+    fast_methods: Vec<(LabelMethod, Vec<Option<String>>)>,
+}
+
+fn method_name(method: LabelMethod) -> &'static str {
+    match method {
+        LabelMethod::Fast => "fast",
+        LabelMethod::SimplifyOnly => "simplify-only",
+        LabelMethod::SimplifyThenGuess => "simplify-then-guess",
+    }
 }
 
 /// A gate example: the problem, how it is asked, and the answer expected.
@@ -556,132 +577,26 @@ impl<'a> Run<'a> {
     fn self_training_stage(&self, trainer: &mut Trainer, stage: usize, m: usize) -> Result<StageOutput> {
         let e = &self.experiment;
         let st = &e.self_training;
-        let format = e.task.slow_format;
         let started = Instant::now();
-        let mut rng = self.rng(stage, streams::DATA);
-        let slow_problems = sample_unique(&mut rng, m, e.scaled(SLOW_NEW / SELF_TRAINING_FRACTION), &HashSet::new());
-        let fast_problems = sample_unique(&mut rng, m, e.scaled(FAST_NEW / SELF_TRAINING_FRACTION), &HashSet::new());
-
-        let solver = self.solver(trainer);
-        // Slow labels: the model's own slow step, checked by simplify-only on the twins.
-        let slow_traces = solver.simplify_only(&slow_problems)?;
-        let slow_answers: Vec<Option<String>> = slow_traces.iter().map(|t| t.candidates[0].clone()).collect();
-        let slow_agree = twins_agree(&slow_problems, &slow_answers);
-        // Fast labels by every method, for figure 5; the configured one is kept.
-        let stg: Vec<Trace> = solver.simplify_then_guess(&fast_problems, st.k)?;
-        let methods: [(LabelMethod, &str, Vec<Option<String>>); 3] = [
-            (LabelMethod::Fast, "fast", solver.fast(&fast_problems)?),
-            (LabelMethod::SimplifyOnly, "simplify-only", stg.iter().map(|t| t.candidates[0].clone()).collect()),
-            (
-                LabelMethod::SimplifyThenGuess,
-                "simplify-then-guess",
-                stg.iter().map(|t| majority_vote(&t.candidates)).collect(),
-            ),
-        ];
+        let labels = self.label_new_problems(trainer, stage, m)?;
         self.log(&format!(
-            "stage {stage} self {m}: labelled {} slow and {} fast problems in {:.1} s",
-            slow_problems.len(),
-            fast_problems.len(),
+            "stage {stage} self {m}: labelled {} problems in {:.1} s",
+            labels.rows.len(),
             started.elapsed().as_secs_f64()
         ));
-
-        // Audits (ground truth, analysis only) and figure 5's error rates.
-        let mut generation = Vec::new();
-        let mut record_generation = |kind: Kind, method: &str, kept: &[bool], correct: &[bool]| {
-            for (check, use_check) in [("none", false), ("commutativity", true)] {
-                let kept_rows: Vec<usize> = (0..kept.len()).filter(|&i| kept[i] || !use_check).collect();
-                let errors = kept_rows.iter().filter(|&&i| !correct[i]).count();
-                generation.push(GenerationRecord {
-                    stage,
-                    digits: m,
-                    kind,
-                    method: method.to_string(),
-                    check: check.into(),
-                    generated: kept.len(),
-                    kept: kept_rows.len(),
-                    audited_errors: errors,
-                    error_rate: (!kept_rows.is_empty()).then(|| rate(errors, kept_rows.len())),
-                });
-            }
+        let generation = self.audit_methods(&labels, stage, m);
+        let mut data = labels.rows;
+        let gate = self.hold_out_gate(stage, &mut data, &labels.problems);
+        let count = |kind: Kind| data.iter().filter(|r| r.kind == kind && r.accepted).count();
+        let (accepted_fast, accepted_slow) = (count(Kind::Fast), count(Kind::Slow));
+        let generated = data.len();
+        let fast_generated = data.iter().filter(|r| r.kind == Kind::Fast).count();
+        let acceptance = rate(accepted_fast, fast_generated);
+        let audited_error = |kind: Kind| {
+            let kept: Vec<&DataRow> = data.iter().filter(|r| r.kind == kind && r.accepted).collect();
+            (!kept.is_empty()).then(|| rate(kept.iter().filter(|r| !r.audited_correct).count(), kept.len()))
         };
-        let slow_outputs: Vec<&String> = slow_traces.iter().map(|t| &t.slow_outputs[0]).collect();
-        let slow_correct: Vec<bool> = slow_problems
-            .iter()
-            .zip(&slow_outputs)
-            .map(|(p, out)| **out == self.oracle.slow_target(p, format))
-            .collect();
-        record_generation(Kind::Slow, "slow-greedy", &slow_agree, &slow_correct);
-        let mut fast_label = (Vec::new(), Vec::new(), Vec::new(), "");
-        for (method, name, answers) in methods {
-            let agree = twins_agree(&fast_problems, &answers);
-            let correct: Vec<bool> =
-                fast_problems.iter().zip(&answers).map(|(p, a)| a.as_ref() == Some(&self.oracle.sum(p))).collect();
-            record_generation(Kind::Fast, name, &agree, &correct);
-            if method == st.fast_labels {
-                fast_label = (answers, agree, correct, name);
-            }
-        }
-        let (fast_answers, fast_agree, fast_correct, fast_method) = fast_label;
-
-        // What is accepted: a parsable label that, when the check is on, its twin agrees with.
-        let keep = |parsed: bool, agree: bool| parsed && (agree || !st.commutativity_check);
-        let slow_keep: Vec<bool> = (0..slow_problems.len())
-            .map(|i| keep(parse_slow(slow_outputs[i], format).is_some() && slow_answers[i].is_some(), slow_agree[i]))
-            .collect();
-        let fast_keep: Vec<bool> =
-            (0..fast_problems.len()).map(|i| keep(fast_answers[i].is_some(), fast_agree[i])).collect();
-        let mut data: Vec<DataRow> = Vec::new();
-        for (i, p) in slow_problems.iter().enumerate() {
-            data.push(DataRow {
-                input: p.prompt(Kind::Slow),
-                target: slow_outputs[i].clone(),
-                digits: m,
-                kind: Kind::Slow,
-                origin: Origin::Model,
-                method: "slow-greedy".into(),
-                accepted: slow_keep[i],
-                audited_correct: slow_correct[i],
-                split: Split::Unused,
-            });
-        }
-        for (i, p) in fast_problems.iter().enumerate() {
-            data.push(DataRow {
-                input: p.prompt(Kind::Fast),
-                target: fast_answers[i].as_ref().map(|a| format!("A: {a}")).unwrap_or_default(),
-                digits: m,
-                kind: Kind::Fast,
-                origin: Origin::Model,
-                method: fast_method.into(),
-                accepted: fast_keep[i],
-                audited_correct: fast_correct[i],
-                split: Split::Unused,
-            });
-        }
-        let accepted_fast = fast_keep.iter().filter(|&&k| k).count();
-        let accepted_slow = slow_keep.iter().filter(|&&k| k).count();
-        let audited_error = |keep: &[bool], correct: &[bool]| {
-            let kept = keep.iter().filter(|&&k| k).count();
-            (kept > 0).then(|| rate((0..keep.len()).filter(|&i| keep[i] && !correct[i]).count(), kept))
-        };
-        let acceptance = rate(accepted_fast, fast_problems.len());
-
-        // Hold out part of the accepted data for the gate; the rest trains.
-        let mut rng = self.rng(stage, streams::GATE);
-        for kind in [Kind::Fast, Kind::Slow] {
-            let mut accepted: Vec<usize> =
-                (0..data.len()).filter(|&i| data[i].kind == kind && data[i].accepted).collect();
-            accepted.shuffle(&mut rng);
-            let held = st.gate_size.min(accepted.len() / 2);
-            for (j, &i) in accepted.iter().enumerate() {
-                data[i].split = if j < held { Split::Gate } else { Split::Train };
-            }
-        }
-        // The data rows so far are the slow problems, then the fast ones, in order.
-        let generated: Vec<&Problem> = slow_problems.iter().chain(&fast_problems).collect();
-        let gate: Vec<GateExample> = (0..generated.len())
-            .filter(|&i| data[i].split == Split::Gate)
-            .map(|i| GateExample { problem: generated[i].clone(), kind: data[i].kind, target: data[i].target.clone() })
-            .collect();
+        let (accepted_fast_error, accepted_slow_error) = (audited_error(Kind::Fast), audited_error(Kind::Slow));
 
         // A gate with a positive threshold needs held-out examples of its kind.
         let held_out = |kind: Kind| gate.iter().filter(|g| g.kind == kind).count();
@@ -696,20 +611,15 @@ impl<'a> Run<'a> {
             stop_reason = format!("acceptance {acceptance:.3} fell below self_training.stop_below_acceptance");
         }
 
-        // Replay: script data inside the supervised range, the model's own
-        // accepted data for lengths it taught itself.
         data.extend(self.replay_rows(stage, m)?);
         let train: Vec<Example> = data.iter().filter(|r| r.split == Split::Train).map(DataRow::example).collect();
         let script_examples = data.iter().filter(|r| r.split == Split::Train && r.origin == Origin::Script).count();
-
         let (epochs, gate_fast, gate_slow, passed) = if stop_reason.is_empty() {
-            let label = format!("stage {stage} self {m}");
             let thresholds = (e.supervised.fast_gate, e.supervised.slow_gate);
-            self.train_until_gate(trainer, &train, &gate, thresholds, &label)?
+            self.train_until_gate(trainer, &train, &gate, thresholds, &format!("stage {stage} self {m}"))?
         } else {
             (0, 0.0, 0.0, false)
         };
-        let accepted_fast_error = audited_error(&fast_keep, &fast_correct);
         if stop_reason.is_empty() && !passed {
             stop_reason = format!("self-training stage {m} did not pass its gate in {epochs} epochs");
         }
@@ -737,20 +647,136 @@ impl<'a> Run<'a> {
             gate_slow,
             next_fast: None,
             next_slow: None,
-            generated: slow_problems.len() + fast_problems.len(),
+            generated,
             accepted: accepted_fast + accepted_slow,
-            rejected: slow_problems.len() + fast_problems.len() - accepted_fast - accepted_slow,
+            rejected: generated - accepted_fast - accepted_slow,
             train_examples: train.len(),
             script_examples,
             consumed: train.len() * epochs,
             accepted_fast_error,
-            accepted_slow_error: audited_error(&slow_keep, &slow_correct),
+            accepted_slow_error,
             seconds: 0.0,
             next_phase,
             next_digits,
             stop_reason,
         };
         Ok(StageOutput { record, data, accuracy, generation })
+    }
+
+    /// New M-digit problems labelled by the model. Slow labels are its own
+    /// slow step, checked by simplify-only on the twins; fast labels come
+    /// from the configured method, checked by the twins' answers. All three
+    /// fast methods are run, for the audit of figure 5.
+    fn label_new_problems(&self, trainer: &Trainer, stage: usize, m: usize) -> Result<Labels> {
+        let e = &self.experiment;
+        let st = &e.self_training;
+        let format = e.task.slow_format;
+        let mut rng = self.rng(stage, streams::DATA);
+        let slow_problems = sample_unique(&mut rng, m, e.scaled(SLOW_NEW / SELF_TRAINING_FRACTION), &HashSet::new());
+        let fast_problems = sample_unique(&mut rng, m, e.scaled(FAST_NEW / SELF_TRAINING_FRACTION), &HashSet::new());
+        let solver = self.solver(trainer);
+        let slow_traces = solver.simplify_only(&slow_problems)?;
+        let slow_answers: Vec<Option<String>> = slow_traces.iter().map(|t| t.candidates[0].clone()).collect();
+        let stg: Vec<Trace> = solver.simplify_then_guess(&fast_problems, st.k)?;
+        let fast_methods = vec![
+            (LabelMethod::Fast, solver.fast(&fast_problems)?),
+            (LabelMethod::SimplifyOnly, stg.iter().map(|t| t.candidates[0].clone()).collect()),
+            (LabelMethod::SimplifyThenGuess, stg.iter().map(|t| majority_vote(&t.candidates)).collect()),
+        ];
+
+        // A label is kept when it parses and, with the check on, its twin agrees.
+        let keep = |answers: &[Option<String>], agree: &[bool], i: usize| {
+            answers[i].is_some() && (agree[i] || !st.commutativity_check)
+        };
+        let mut rows = Vec::new();
+        let slow_agree = twins_agree(&slow_problems, &slow_answers);
+        for (i, (p, trace)) in slow_problems.iter().zip(&slow_traces).enumerate() {
+            let output = trace.slow_outputs[0].clone();
+            rows.push(DataRow {
+                input: p.prompt(Kind::Slow),
+                audited_correct: output == self.oracle.slow_target(p, format),
+                target: output,
+                digits: m,
+                kind: Kind::Slow,
+                origin: Origin::Model,
+                method: "slow-greedy".into(),
+                accepted: keep(&slow_answers, &slow_agree, i),
+                split: Split::Unused,
+            });
+        }
+        let answers = &fast_methods.iter().find(|(method, _)| *method == st.fast_labels).expect("all methods run").1;
+        let fast_agree = twins_agree(&fast_problems, answers);
+        for (i, p) in fast_problems.iter().enumerate() {
+            rows.push(DataRow {
+                input: p.prompt(Kind::Fast),
+                target: answers[i].as_ref().map(|a| format!("A: {a}")).unwrap_or_default(),
+                digits: m,
+                kind: Kind::Fast,
+                origin: Origin::Model,
+                method: method_name(st.fast_labels).into(),
+                accepted: keep(answers, &fast_agree, i),
+                audited_correct: answers[i].as_ref() == Some(&self.oracle.sum(p)),
+                split: Split::Unused,
+            });
+        }
+        let problems = slow_problems.into_iter().chain(fast_problems.iter().cloned()).collect();
+        Ok(Labels { rows, problems, fast_problems, slow_answers, fast_methods })
+    }
+
+    /// Figure 5: the audited error rate of every labelling method, with and
+    /// without the commutativity check (ground truth, analysis only).
+    fn audit_methods(&self, labels: &Labels, stage: usize, m: usize) -> Vec<GenerationRecord> {
+        let mut records = Vec::new();
+        let mut record = |kind: Kind, method: &str, agree: &[bool], correct: &[bool]| {
+            for (check, use_check) in [("none", false), ("commutativity", true)] {
+                let kept: Vec<usize> = (0..agree.len()).filter(|&i| agree[i] || !use_check).collect();
+                let errors = kept.iter().filter(|&&i| !correct[i]).count();
+                records.push(GenerationRecord {
+                    stage,
+                    digits: m,
+                    kind,
+                    method: method.to_string(),
+                    check: check.into(),
+                    generated: agree.len(),
+                    kept: kept.len(),
+                    audited_errors: errors,
+                    error_rate: (!kept.is_empty()).then(|| rate(errors, kept.len())),
+                });
+            }
+        };
+        let slow_rows: Vec<&DataRow> = labels.rows.iter().filter(|r| r.kind == Kind::Slow).collect();
+        let slow_problems = &labels.problems[..slow_rows.len()];
+        let correct: Vec<bool> = slow_rows.iter().map(|r| r.audited_correct).collect();
+        record(Kind::Slow, "slow-greedy", &twins_agree(slow_problems, &labels.slow_answers), &correct);
+        for (method, answers) in &labels.fast_methods {
+            let correct: Vec<bool> = labels
+                .fast_problems
+                .iter()
+                .zip(answers)
+                .map(|(p, a)| a.as_ref() == Some(&self.oracle.sum(p)))
+                .collect();
+            record(Kind::Fast, method_name(*method), &twins_agree(&labels.fast_problems, answers), &correct);
+        }
+        records
+    }
+
+    /// Holds out up to `gate_size` accepted examples of each kind (at most
+    /// half of them) for the gate; the other accepted ones train.
+    fn hold_out_gate(&self, stage: usize, rows: &mut [DataRow], problems: &[Problem]) -> Vec<GateExample> {
+        let mut rng = self.rng(stage, streams::GATE);
+        for kind in [Kind::Fast, Kind::Slow] {
+            let mut accepted: Vec<usize> =
+                (0..rows.len()).filter(|&i| rows[i].kind == kind && rows[i].accepted).collect();
+            accepted.shuffle(&mut rng);
+            let held = self.experiment.self_training.gate_size.min(accepted.len() / 2);
+            for (j, &i) in accepted.iter().enumerate() {
+                rows[i].split = if j < held { Split::Gate } else { Split::Train };
+            }
+        }
+        (0..rows.len())
+            .filter(|&i| rows[i].split == Split::Gate)
+            .map(|i| GateExample { problem: problems[i].clone(), kind: rows[i].kind, target: rows[i].target.clone() })
+            .collect()
     }
 
     /// Replay for self-training on `m` digits, at a tenth of section 5's
