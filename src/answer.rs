@@ -10,6 +10,7 @@ use crate::model::T5;
 use crate::task::{parse_fast, parse_slow, Kind, Problem, SlowFormat};
 use crate::tokenizer::{decode, encode};
 use candle_core::Result;
+use indicatif::ProgressBar;
 
 /// A model with the settings that decide how it is asked.
 pub struct Solver<'a> {
@@ -17,6 +18,15 @@ pub struct Solver<'a> {
     pub format: SlowFormat,
     /// Rows per greedy decoding call.
     pub decode_batch: usize,
+    /// Counts decoded rows (`ProgressBar::hidden()` for none); cleared when
+    /// the solver is dropped.
+    pub progress: ProgressBar,
+}
+
+impl Drop for Solver<'_> {
+    fn drop(&mut self) {
+        self.progress.finish_and_clear();
+    }
 }
 
 /// What happened while simplifying one problem step by step.
@@ -71,6 +81,7 @@ impl Solver<'_> {
             for (&i, ids) in chunk.iter().zip(greedy(self.model, &inputs, opts)?) {
                 outputs[i] = decode(&ids);
             }
+            self.progress.inc(chunk.len() as u64);
         }
         Ok(outputs)
     }

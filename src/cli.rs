@@ -113,7 +113,10 @@ pub fn run() -> anyhow::Result<()> {
             let problems = read_problems(&problems)?;
             let device = select_device(&device)?;
             let model = Model::load(&model, &device)?;
-            let solver = Solver { model: &model.t5, format: slow_format, decode_batch };
+            let progress = indicatif::ProgressBar::new(problems.len() as u64 * 2).with_style(
+                indicatif::ProgressStyle::with_template("answering: {pos} rows decoded, {per_sec}, {elapsed}")?,
+            );
+            let solver = Solver { model: &model.t5, format: slow_format, decode_batch, progress };
             let results = evaluate(&solver, &problems, &TrueOracle)?;
             write_atomic(&out, &csv_bytes(&results, &out)?)?;
             let lengths = summarize(&results);

@@ -328,11 +328,16 @@ impl<'a> Run<'a> {
         Pcg64::new(((self.experiment.seed as u128) << 64) | slot as u128, stream)
     }
 
-    fn solver<'m>(&self, trainer: &'m Trainer) -> Solver<'m> {
+    /// Asks the trainer's model; a spinner labelled `task` counts decoded rows.
+    fn solver<'m>(&self, trainer: &'m Trainer, task: &str) -> Solver<'m> {
+        let progress = ProgressBar::new_spinner()
+            .with_style(ProgressStyle::with_template("{msg}: {pos} rows decoded, {per_sec}, {elapsed}").expect("valid"))
+            .with_message(task.to_string());
         Solver {
             model: &trainer.model.t5,
             format: self.experiment.task.slow_format,
             decode_batch: self.experiment.eval.decode_batch,
+            progress,
         }
     }
 
@@ -422,7 +427,7 @@ impl<'a> Run<'a> {
 
     /// Exact match of the model's greedy outputs with the gate targets, fast and slow.
     fn gate_accuracy(&self, trainer: &Trainer, gate: &[GateExample]) -> Result<(f64, f64)> {
-        let solver = self.solver(trainer);
+        let solver = self.solver(trainer, "gate");
         let mut rates = [0.0; 2];
         for (slot, kind) in [Kind::Fast, Kind::Slow].into_iter().enumerate() {
             let examples: Vec<&GateExample> = gate.iter().filter(|g| g.kind == kind).collect();
@@ -449,7 +454,11 @@ impl<'a> Run<'a> {
             let mut rng = self.rng(length, streams::EVAL);
             problems.extend(sample_unique(&mut rng, length, e.problems_per_length, &HashSet::new()));
         }
-        let results = evaluate(&self.solver(trainer), &problems, self.oracle)?;
+        let results = evaluate(
+            &self.solver(trainer, &format!("evaluating lengths 1..{}", digits + e.lengths_beyond)),
+            &problems,
+            self.oracle,
+        )?;
         Ok(summarize(&results)
             .into_iter()
             .map(|s| AccuracyRecord {
@@ -674,7 +683,7 @@ impl<'a> Run<'a> {
         let mut rng = self.rng(stage, streams::DATA);
         let slow_problems = sample_unique(&mut rng, m, e.scaled(SLOW_NEW / SELF_TRAINING_FRACTION), &HashSet::new());
         let fast_problems = sample_unique(&mut rng, m, e.scaled(FAST_NEW / SELF_TRAINING_FRACTION), &HashSet::new());
-        let solver = self.solver(trainer);
+        let solver = self.solver(trainer, &format!("labelling {m}-digit problems"));
         let slow_traces = solver.simplify_only(&slow_problems)?;
         let slow_answers: Vec<Option<String>> = slow_traces.iter().map(|t| t.candidates[0].clone()).collect();
         let stg: Vec<Trace> = solver.simplify_then_guess(&fast_problems, st.k)?;
