@@ -32,3 +32,20 @@ pub mod train;
 pub mod weights;
 
 pub use error::{Error, Result};
+
+/// Makes glibc's malloc keep freed memory for reuse. By default it serves
+/// blocks over 128 KiB with mmap and returns them on free, so every tensor
+/// of a training step arrives as fresh pages the kernel must fault in and
+/// zero: a third of the time of a cpu-small training step went there
+/// (REPRODUCE.md, "Performance"). Call it first thing in a program.
+pub fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes malloc's tuning parameters; it is called
+    // before any other thread exists.
+    unsafe {
+        // glibc caps the mmap threshold at 32 MiB on 64-bit targets.
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_TOP_PAD, 1 << 30);
+    }
+}

@@ -16,7 +16,7 @@
 //! and RMS norm is written out. tests/gradients.rs checks this.
 
 use candle_core::{DType, Device, Module, Result, Tensor, D};
-use candle_nn::{Embedding, Linear, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
 use rand::Rng;
 use rand_pcg::Pcg64;
 use serde::{Deserialize, Serialize};
@@ -274,6 +274,24 @@ impl Dropout {
     }
 }
 
+/// A linear layer without bias, weight (out, in) as transformers stores it.
+/// (b, t, in) inputs are multiplied as one (b * t, in) matrix: one large
+/// gemm instead of b small ones against a broadcast weight.
+struct Linear {
+    weight: Tensor,
+}
+
+impl Linear {
+    fn new(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Linear { weight: vb.get((out_dim, in_dim), "weight")? })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (b, t, in_dim) = xs.dims3()?;
+        xs.reshape((b * t, in_dim))?.matmul(&self.weight.t()?)?.reshape((b, t, ()))
+    }
+}
+
 /// RMS layer norm, written out so that it has a backward pass. In bf16 the
 /// statistics are taken in f32, as transformers does.
 struct RmsNorm {
@@ -310,10 +328,10 @@ impl Attention {
     fn new(vb: VarBuilder, cfg: &T5Config) -> Result<Self> {
         let inner = cfg.num_heads * cfg.d_kv;
         Ok(Attention {
-            q: candle_nn::linear_no_bias(cfg.d_model, inner, vb.pp("q"))?,
-            k: candle_nn::linear_no_bias(cfg.d_model, inner, vb.pp("k"))?,
-            v: candle_nn::linear_no_bias(cfg.d_model, inner, vb.pp("v"))?,
-            o: candle_nn::linear_no_bias(inner, cfg.d_model, vb.pp("o"))?,
+            q: Linear::new(cfg.d_model, inner, vb.pp("q"))?,
+            k: Linear::new(cfg.d_model, inner, vb.pp("k"))?,
+            v: Linear::new(cfg.d_model, inner, vb.pp("v"))?,
+            o: Linear::new(inner, cfg.d_model, vb.pp("o"))?,
             num_heads: cfg.num_heads,
             d_kv: cfg.d_kv,
         })
@@ -354,9 +372,9 @@ struct GatedGelu {
 impl GatedGelu {
     fn new(vb: VarBuilder, cfg: &T5Config) -> Result<Self> {
         Ok(GatedGelu {
-            wi_0: candle_nn::linear_no_bias(cfg.d_model, cfg.d_ff, vb.pp("wi_0"))?,
-            wi_1: candle_nn::linear_no_bias(cfg.d_model, cfg.d_ff, vb.pp("wi_1"))?,
-            wo: candle_nn::linear_no_bias(cfg.d_ff, cfg.d_model, vb.pp("wo"))?,
+            wi_0: Linear::new(cfg.d_model, cfg.d_ff, vb.pp("wi_0"))?,
+            wi_1: Linear::new(cfg.d_model, cfg.d_ff, vb.pp("wi_1"))?,
+            wo: Linear::new(cfg.d_ff, cfg.d_model, vb.pp("wo"))?,
         })
     }
 
@@ -546,7 +564,7 @@ impl T5 {
             shared: candle_nn::embedding(cfg.vocab_size, cfg.d_model, vb.pp("shared"))?,
             encoder: Stack::new(vb.pp("encoder"), cfg, false)?,
             decoder: Stack::new(vb.pp("decoder"), cfg, true)?,
-            lm_head: candle_nn::linear_no_bias(cfg.d_model, cfg.vocab_size, vb.pp("lm_head"))?,
+            lm_head: Linear::new(cfg.d_model, cfg.vocab_size, vb.pp("lm_head"))?,
             cfg: cfg.clone(),
         })
     }
