@@ -10,10 +10,11 @@
 //! SelfAttention.q.weight`, ...) through `vb.pp`, so google/byt5-* weights load
 //! and our checkpoints load in transformers.
 //!
-//! Every op here has a backward pass in candle. Two fast candle kernels do
-//! not (`candle_nn::ops::softmax_last_dim` and `rms_norm`): their gradients
-//! silently vanish, so attention uses the composed `candle_nn::ops::softmax`
-//! and RMS norm is written out. tests/gradients.rs checks this.
+//! Every op here has a backward pass. Two fast candle kernels do not
+//! (`candle_nn::ops::softmax_last_dim` and `rms_norm`): their gradients
+//! silently vanish, so attention uses our fused softmax (src/kernels.rs, with
+//! its own backward) and RMS norm is written out. tests/gradients.rs checks
+//! this.
 
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Embedding, VarBuilder};
@@ -355,7 +356,7 @@ impl Attention {
         let (b, tq, _) = xs.dims3()?;
         let q = self.split_heads(&self.q.forward(xs)?)?; // (b, h, tq, d_kv)
         let scores = q.matmul(&keys.t()?)?.broadcast_add(bias)?; // (b, h, tq, tk)
-        let weights = drop.apply(&candle_nn::ops::softmax(&scores, D::Minus1)?)?;
+        let weights = drop.apply(&crate::kernels::softmax_last_dim(&scores)?)?;
         let out = weights.matmul(values)?; // (b, h, tq, d_kv)
         let out = out.transpose(1, 2)?.reshape((b, tq, self.num_heads * self.d_kv))?;
         self.o.forward(&out)
@@ -379,7 +380,7 @@ impl GatedGelu {
     }
 
     fn forward(&self, xs: &Tensor, drop: &mut Dropout) -> Result<Tensor> {
-        let hidden = (self.wi_0.forward(xs)?.gelu()? * self.wi_1.forward(xs)?)?;
+        let hidden = (crate::kernels::gelu(&self.wi_0.forward(xs)?)? * self.wi_1.forward(xs)?)?;
         self.wo.forward(&drop.apply(&hidden)?)
     }
 }

@@ -1,0 +1,244 @@
+//! Fused CPU kernels, each with its backward pass, for the two element-wise
+//! hot spots of training (REPRODUCE.md, "Performance"): the attention
+//! softmax and the tanh GELU of the feed-forward.
+//!
+//! Composed from candle ops, a softmax costs five passes over the (b, h,
+//! t, t) scores and a fresh tensor per pass, and candle's GELU backward
+//! twelve. Here each is one parallel pass forward and one backward, with the
+//! same formulas. On other devices and dtypes (CUDA, bf16) the composed ops
+//! run instead, so the results do not depend on which path was taken beyond
+//! float rounding.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
+use rayon::prelude::*;
+
+/// Rows smaller than this are not worth a thread each.
+const MIN_PARALLEL_ELEMS: usize = 1 << 14;
+
+/// Softmax over the last dimension.
+pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
+    if fused(xs) {
+        xs.contiguous()?.apply_op1(SoftmaxLastDim)
+    } else {
+        candle_nn::ops::softmax(xs, D::Minus1)
+    }
+}
+
+/// GELU with the tanh approximation (transformers' `gelu_new`, as in T5 v1.1).
+pub fn gelu(xs: &Tensor) -> Result<Tensor> {
+    if fused(xs) {
+        xs.contiguous()?.apply_op1(Gelu)
+    } else {
+        xs.gelu()
+    }
+}
+
+fn fused(xs: &Tensor) -> bool {
+    xs.device().is_cpu() && matches!(xs.dtype(), DType::F32 | DType::F64)
+}
+
+/// The contiguous slice a layout covers.
+fn slice<'a, T>(data: &'a [T], layout: &Layout) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("fused kernels take contiguous tensors"),
+    }
+}
+
+/// Applies `row_op(input rows.., output row)` to each row of `n` elements
+/// (the last row may be shorter), rows in parallel when the tensor is large.
+fn map_rows<T: Copy + Default + Send + Sync>(
+    inputs: &[&[T]],
+    n: usize,
+    row_op: impl Fn(&[&[T]], &mut [T]) + Sync,
+) -> Vec<T> {
+    let mut out = vec![T::default(); inputs[0].len()];
+    let run = |(i, row): (usize, &mut [T])| {
+        let rows: Vec<&[T]> = inputs.iter().map(|input| &input[i * n..i * n + row.len()]).collect();
+        row_op(&rows, row);
+    };
+    if out.len() >= MIN_PARALLEL_ELEMS {
+        out.par_chunks_mut(n).enumerate().for_each(run);
+    } else {
+        out.chunks_mut(n).enumerate().for_each(run);
+    }
+    out
+}
+
+/// Element-wise map in parallel chunks.
+fn map_elems<T: Copy + Default + Send + Sync>(input: &[T], f: impl Fn(T) -> T + Sync) -> Vec<T> {
+    const CHUNK: usize = 4096;
+    map_rows(&[input], CHUNK.min(input.len().max(1)), |rows, out| {
+        for (o, &x) in out.iter_mut().zip(rows[0]) {
+            *o = f(x);
+        }
+    })
+}
+
+/// Float types the kernels run on.
+trait Float: Copy + Default + Send + Sync + num_traits::Float + 'static {
+    fn c(v: f64) -> Self;
+}
+impl Float for f32 {
+    fn c(v: f64) -> Self {
+        v as f32
+    }
+}
+impl Float for f64 {
+    fn c(v: f64) -> Self {
+        v
+    }
+}
+
+fn softmax_row<T: Float>(x: &[T], y: &mut [T]) {
+    let max = x.iter().copied().fold(T::neg_infinity(), T::max);
+    let mut sum = T::zero();
+    for (y, &x) in y.iter_mut().zip(x) {
+        *y = (x - max).exp();
+        sum = sum + *y;
+    }
+    let inv = T::one() / sum;
+    y.iter_mut().for_each(|y| *y = *y * inv);
+}
+
+/// dx = y * (g - sum(g * y)) for a softmax output y and its gradient g.
+fn softmax_grad_row<T: Float>(y: &[T], g: &[T], dx: &mut [T]) {
+    let dot = y.iter().zip(g).fold(T::zero(), |acc, (&y, &g)| acc + y * g);
+    for ((dx, &y), &g) in dx.iter_mut().zip(y).zip(g) {
+        *dx = y * (g - dot);
+    }
+}
+
+const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
+const GELU_CUBIC: f64 = 0.044_715;
+
+fn gelu_value<T: Float>(x: T) -> T {
+    let inner = T::c(SQRT_2_OVER_PI) * x * (T::one() + T::c(GELU_CUBIC) * x * x);
+    T::c(0.5) * x * (T::one() + inner.tanh())
+}
+
+/// d/dx of `gelu_value`.
+fn gelu_derivative<T: Float>(x: T) -> T {
+    let inner = T::c(SQRT_2_OVER_PI) * x * (T::one() + T::c(GELU_CUBIC) * x * x);
+    let t = inner.tanh();
+    let d_inner = T::c(SQRT_2_OVER_PI) * (T::one() + T::c(3.0 * GELU_CUBIC) * x * x);
+    T::c(0.5) * (T::one() + t) + T::c(0.5) * x * (T::one() - t * t) * d_inner
+}
+
+struct SoftmaxLastDim;
+
+impl CustomOp1 for SoftmaxLastDim {
+    fn name(&self) -> &'static str {
+        "fused-softmax-last-dim"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let n = layout.dims().last().copied().unwrap_or(1).max(1);
+        let out = match storage {
+            CpuStorage::F32(data) => CpuStorage::F32(map_rows(&[slice(data, layout)?], n, |x, y| softmax_row(x[0], y))),
+            CpuStorage::F64(data) => CpuStorage::F64(map_rows(&[slice(data, layout)?], n, |x, y| softmax_row(x[0], y))),
+            _ => candle_core::bail!("fused softmax takes f32 or f64"),
+        };
+        Ok((out, layout.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(res.apply_op2_no_bwd(&grad_res.contiguous()?, &SoftmaxGrad)?))
+    }
+}
+
+/// (softmax output, its gradient) -> gradient of the softmax input.
+struct SoftmaxGrad;
+
+impl CustomOp2 for SoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "fused-softmax-grad"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let n = l1.dims().last().copied().unwrap_or(1).max(1);
+        let out = match (s1, s2) {
+            (CpuStorage::F32(y), CpuStorage::F32(g)) => {
+                CpuStorage::F32(map_rows(&[slice(y, l1)?, slice(g, l2)?], n, |r, dx| softmax_grad_row(r[0], r[1], dx)))
+            }
+            (CpuStorage::F64(y), CpuStorage::F64(g)) => {
+                CpuStorage::F64(map_rows(&[slice(y, l1)?, slice(g, l2)?], n, |r, dx| softmax_grad_row(r[0], r[1], dx)))
+            }
+            _ => candle_core::bail!("fused softmax gradient takes two f32 or two f64 tensors"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+struct Gelu;
+
+impl CustomOp1 for Gelu {
+    fn name(&self) -> &'static str {
+        "fused-gelu-tanh"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let out = match storage {
+            CpuStorage::F32(data) => CpuStorage::F32(map_elems(slice(data, layout)?, gelu_value)),
+            CpuStorage::F64(data) => CpuStorage::F64(map_elems(slice(data, layout)?, gelu_value)),
+            _ => candle_core::bail!("fused gelu takes f32 or f64"),
+        };
+        Ok((out, layout.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some((arg.apply_op1_no_bwd(&GeluDerivative)? * grad_res)?))
+    }
+}
+
+struct GeluDerivative;
+
+impl CustomOp1 for GeluDerivative {
+    fn name(&self) -> &'static str {
+        "fused-gelu-tanh-derivative"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let out = match storage {
+            CpuStorage::F32(data) => CpuStorage::F32(map_elems(slice(data, layout)?, gelu_derivative)),
+            CpuStorage::F64(data) => CpuStorage::F64(map_elems(slice(data, layout)?, gelu_derivative)),
+            _ => candle_core::bail!("fused gelu derivative takes f32 or f64"),
+        };
+        Ok((out, layout.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn sample(shape: (usize, usize, usize)) -> Tensor {
+        let n = shape.0 * shape.1 * shape.2;
+        let values: Vec<f32> = (0..n).map(|i| ((i * 7919 % 1000) as f32 / 100.0) - 5.0).collect();
+        Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap()
+    }
+
+    #[test]
+    fn fused_ops_match_the_composed_ones_forward_and_backward() {
+        // Large enough for the parallel path, and a small one for the serial path.
+        for shape in [(4, 64, 300), (2, 3, 5)] {
+            let x = candle_core::Var::from_tensor(&sample(shape)).unwrap();
+            let weights = sample(shape).sin().unwrap(); // an arbitrary upstream gradient
+            for (fused, composed) in [
+                (softmax_last_dim(&x).unwrap(), candle_nn::ops::softmax(&x, D::Minus1).unwrap()),
+                (gelu(&x).unwrap(), x.gelu().unwrap()),
+            ] {
+                assert!(max_diff(&fused, &composed) < 1e-6, "forward {shape:?}");
+                let g_fused = (&fused * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+                let g_composed = (&composed * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+                let (a, b) = (g_fused.get(&x).unwrap(), g_composed.get(&x).unwrap());
+                assert!(max_diff(a, b) < 1e-5, "backward {shape:?}: {}", max_diff(a, b));
+            }
+        }
+    }
+}
