@@ -12,7 +12,7 @@ FEATURE_FLAGS := $(if $(FEATURES),--features $(FEATURES),)
 
 RUNS ?= runs
 
-.PHONY: help build test lint bench demo run
+.PHONY: help build test lint bench bench-peer demo run
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
@@ -33,5 +33,13 @@ demo: build  ## the SECToR loop end to end on experiments/micro.toml (machinery 
 run: build  ## run (or resume) an experiment: make run CONFIG=experiments/NAME.toml
 	$(SECTOR) run $(CONFIG) --runs-dir $(RUNS)
 
-bench: build  ## throughput table (results/bench-cpu.md); about 3 minutes
-	$(SECTOR) bench | tee results/bench-cpu.md
+PEER_PYTHON := benches/.venv/bin/python
+
+bench-peer: $(PEER_PYTHON)  ## the venv with torch + transformers for the peer benchmark (about 3 GB, 3 minutes)
+
+$(PEER_PYTHON): benches/requirements.txt
+	python3 -m venv benches/.venv
+	$(PEER_PYTHON) -m pip install --quiet -r benches/requirements.txt
+
+bench: build bench-peer  ## sector vs PyTorch + transformers, interleaved per case (results/bench-cpu.md); about 8 minutes
+	$(SECTOR) bench --peer "$(PEER_PYTHON) benches/peer.py" | tee results/bench-cpu.md

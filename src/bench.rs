@@ -48,13 +48,16 @@ const CASES: [Case; 6] = [
     Case { preset: "cpu-medium", batch: 32, kind: Kind::Decode },
 ];
 
-pub fn run(reps: usize, filter: &str) -> crate::Result<()> {
+/// Measures every case whose name contains `filter`. With `peer` (a shell
+/// command such as "python benches/peer.py"), runs it after each case with
+/// `--case NAME --reps N` and puts its tokens/s beside ours.
+pub fn run(reps: usize, filter: &str, peer: Option<&str>) -> crate::Result<()> {
     let reps = reps.max(1);
     let threads = candle_core::utils::get_num_threads();
     let peak = matmul_flops_per_s(reps)?;
     println!("f32 matmul peak (2048x2048x2048, {threads} threads): {:.1} GFLOP/s\n", peak / 1e9);
-    println!("| case | params | tokens/s | GFLOP/s | of matmul peak |");
-    println!("|---|---:|---:|---:|---:|");
+    println!("| case | params | sector tokens/s | peer tokens/s | sector / peer | sector GFLOP/s | of matmul peak |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
     for case in CASES.iter().filter(|c| c.name().contains(filter)) {
         let cfg = T5Config::preset(case.preset).expect("bench presets exist");
         let model = Model::random(&cfg, 0, &Device::Cpu, DType::F32)?;
@@ -82,16 +85,46 @@ pub fn run(reps: usize, filter: &str) -> crate::Result<()> {
             }
         };
         let flops_per_s = flops_per_run / seconds;
+        let ours = tokens_per_run as f64 / seconds;
+        let (theirs, ratio) = match peer {
+            Some(command) => {
+                let theirs = peer_tokens_per_s(command, &case.name(), reps)?;
+                (format!("{theirs:.0}"), format!("{:.2}x", ours / theirs))
+            }
+            None => ("-".into(), "-".into()),
+        };
         println!(
-            "| {} | {:.2}M | {:.0} | {:.1} | {:.1} % |",
+            "| {} | {:.2}M | {ours:.0} | {theirs} | {ratio} | {:.1} | {:.1} % |",
             case.name(),
             cfg.num_params() as f64 / 1e6,
-            tokens_per_run as f64 / seconds,
             flops_per_s / 1e9,
             100.0 * flops_per_s / peak
         );
     }
     Ok(())
+}
+
+/// Runs the peer benchmark on one case; it prints {"tokens_per_s": ...}.
+fn peer_tokens_per_s(command: &str, case: &str, reps: usize) -> crate::Result<f64> {
+    let peer_error = |problem: String| crate::Error::format(command, problem);
+    let output = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("{command} --case '{case}' --reps {reps}"))
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| peer_error(format!("cannot start: {e}")))?;
+    if !output.status.success() {
+        return Err(peer_error(format!(
+            "failed on {case:?} ({}); is the venv there? run `make bench-peer`",
+            output.status
+        )));
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str::<serde_json::Value>(line)
+        .ok()
+        .and_then(|v| v["tokens_per_s"].as_f64())
+        .ok_or_else(|| peer_error(format!("printed {line:?}, not {{\"tokens_per_s\": ...}}")))
 }
 
 /// Median wall time of `reps` runs after one warm-up run.

@@ -81,6 +81,10 @@ enum Command {
         /// Only the cases whose name contains this text.
         #[arg(long, default_value = "")]
         filter: String,
+        /// A peer benchmark command run after each case with `--case NAME
+        /// --reps N`, e.g. "benches/.venv/bin/python benches/peer.py".
+        #[arg(long)]
+        peer: Option<String>,
     },
 }
 
@@ -132,7 +136,7 @@ pub fn run() -> anyhow::Result<()> {
                 write_atomic(&path, &csv_bytes(&lengths, &path)?)?;
             }
         }
-        Command::Bench { reps, filter } => crate::bench::run(reps, &filter)?,
+        Command::Bench { reps, filter, peer } => crate::bench::run(reps, &filter, peer.as_deref())?,
     }
     Ok(())
 }
