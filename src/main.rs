@@ -1,7 +1,7 @@
 //! The `sector` binary: parse flags, run, report the error chain.
 
 fn main() -> std::process::ExitCode {
-    sector::keep_freed_memory();
+    sector::tune_cpu_runtime();
     match sector::cli::run() {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
