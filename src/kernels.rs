@@ -75,6 +75,21 @@ fn map_elems<T: Copy + Default + Send + Sync>(input: &[T], f: impl Fn(T) -> T + 
     })
 }
 
+/// An element-wise function over an f32 or f64 storage.
+fn map_float_storage(
+    storage: &CpuStorage,
+    layout: &Layout,
+    f32_fn: fn(f32) -> f32,
+    f64_fn: fn(f64) -> f64,
+) -> Result<(CpuStorage, Shape)> {
+    let out = match storage {
+        CpuStorage::F32(data) => CpuStorage::F32(map_elems(slice(data, layout)?, f32_fn)),
+        CpuStorage::F64(data) => CpuStorage::F64(map_elems(slice(data, layout)?, f64_fn)),
+        _ => candle_core::bail!("fused element-wise kernels take f32 or f64"),
+    };
+    Ok((out, layout.shape().clone()))
+}
+
 /// Float types the kernels run on.
 trait Float: Copy + Default + Send + Sync + num_traits::Float + 'static {
     fn c(v: f64) -> Self;
@@ -185,12 +200,7 @@ impl CustomOp1 for Gelu {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let out = match storage {
-            CpuStorage::F32(data) => CpuStorage::F32(map_elems(slice(data, layout)?, gelu_value)),
-            CpuStorage::F64(data) => CpuStorage::F64(map_elems(slice(data, layout)?, gelu_value)),
-            _ => candle_core::bail!("fused gelu takes f32 or f64"),
-        };
-        Ok((out, layout.shape().clone()))
+        map_float_storage(storage, layout, gelu_value, gelu_value)
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
@@ -206,12 +216,7 @@ impl CustomOp1 for GeluDerivative {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let out = match storage {
-            CpuStorage::F32(data) => CpuStorage::F32(map_elems(slice(data, layout)?, gelu_derivative)),
-            CpuStorage::F64(data) => CpuStorage::F64(map_elems(slice(data, layout)?, gelu_derivative)),
-            _ => candle_core::bail!("fused gelu derivative takes f32 or f64"),
-        };
-        Ok((out, layout.shape().clone()))
+        map_float_storage(storage, layout, gelu_derivative, gelu_derivative)
     }
 }
 
