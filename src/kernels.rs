@@ -1,11 +1,11 @@
-//! Fused CPU kernels, each with its backward pass, for the two element-wise
-//! hot spots of training (REPRODUCE.md, "Performance"): the attention
-//! softmax and the tanh GELU of the feed-forward.
+//! Fused CPU kernels, each with its backward pass, for the element-wise hot
+//! spots of training (REPRODUCE.md, "Performance"): the attention softmax,
+//! the tanh GELU of the feed-forward and the RMS layer norm.
 //!
 //! Composed from candle ops, a softmax costs five passes over the (b, h,
-//! t, t) scores and a fresh tensor per pass, and candle's GELU backward
-//! twelve. Here each is one parallel pass forward and one backward, with the
-//! same formulas. On other devices and dtypes (CUDA, bf16) the composed ops
+//! t, t) scores and a fresh tensor per pass, candle's GELU backward twelve,
+//! an RMS norm six forward and more backward. Here each is one parallel pass
+//! forward and one backward, with the same formulas. On other devices and dtypes (CUDA, bf16) the composed ops
 //! run instead, so the results do not depend on which path was taken beyond
 //! float rounding.
 
@@ -30,6 +30,28 @@ pub fn gelu(xs: &Tensor) -> Result<Tensor> {
         xs.contiguous()?.apply_op1(Gelu)
     } else {
         xs.gelu()
+    }
+}
+
+/// T5's RMS layer norm over the last dimension: x / sqrt(mean(x^2) + eps) *
+/// weight, without mean subtraction or bias. Statistics in at least f32.
+pub fn rms_norm(xs: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    if fused(xs) && xs.dtype() == weight.dtype() {
+        return xs.contiguous()?.apply_op2(&weight.contiguous()?, RmsNorm { eps });
+    }
+    let dtype = xs.dtype();
+    let xs = at_least_f32(xs)?;
+    let mean_square = xs.sqr()?.mean_keepdim(D::Minus1)?; // (.., 1)
+    let normed = xs.broadcast_div(&(mean_square + eps)?.sqrt()?)?;
+    normed.to_dtype(dtype)?.broadcast_mul(weight)
+}
+
+/// Half-precision tensors in f32; f32 and f64 as they are. Norm statistics
+/// and the loss are computed in this precision.
+pub(crate) fn at_least_f32(xs: &Tensor) -> Result<Tensor> {
+    match xs.dtype() {
+        DType::BF16 | DType::F16 => xs.to_dtype(DType::F32),
+        _ => Ok(xs.clone()),
     }
 }
 
@@ -192,6 +214,103 @@ impl CustomOp2 for SoftmaxGrad {
     }
 }
 
+struct RmsNorm {
+    eps: f64,
+}
+
+/// 1 / sqrt(mean(x^2) + eps) of one row.
+fn inverse_rms<T: Float>(x: &[T], eps: T) -> T {
+    let sum = x.iter().fold(T::zero(), |acc, &v| acc + v * v);
+    T::one() / (sum / T::c(x.len() as f64) + eps).sqrt()
+}
+
+/// Rows per block of the weight-gradient sum: blocks are summed in parallel
+/// and then in order, so the result does not depend on thread timing.
+const NORM_BLOCK_ROWS: usize = 32;
+
+/// Gradients of y = x * r(x) * w for one (rows, n) input: dx = r * (g w -
+/// x r^2 mean(g w x)) and dw = sum over rows of g x r.
+fn rms_norm_backward<T: Float>(x: &[T], w: &[T], g: &[T], eps: T) -> (Vec<T>, Vec<T>) {
+    let n = w.len();
+    let mut dx = vec![T::zero(); x.len()];
+    let partials: Vec<Vec<T>> = dx
+        .par_chunks_mut(n * NORM_BLOCK_ROWS)
+        .enumerate()
+        .map(|(block, dx_block)| {
+            let mut dw = vec![T::zero(); n];
+            for (i, dx_row) in dx_block.chunks_mut(n).enumerate() {
+                let start = (block * NORM_BLOCK_ROWS + i) * n;
+                let (x, g) = (&x[start..start + n], &g[start..start + n]);
+                let r = inverse_rms(x, eps);
+                let dot = (0..n).fold(T::zero(), |acc, j| acc + g[j] * w[j] * x[j]);
+                let scale = r * r * dot / T::c(n as f64);
+                for j in 0..n {
+                    dx_row[j] = r * (g[j] * w[j] - x[j] * scale);
+                    dw[j] = dw[j] + g[j] * x[j] * r;
+                }
+            }
+            dw
+        })
+        .collect();
+    let mut dw = vec![T::zero(); n];
+    for partial in partials {
+        dw.iter_mut().zip(partial).for_each(|(total, p)| *total = *total + p);
+    }
+    (dx, dw)
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        fn forward<T: Float>(x: &[T], w: &[T], eps: T) -> Vec<T> {
+            map_rows(&[x], w.len(), |rows, y| {
+                let r = inverse_rms(rows[0], eps);
+                for ((y, &x), &w) in y.iter_mut().zip(rows[0]).zip(w) {
+                    *y = x * r * w;
+                }
+            })
+        }
+        let out = match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(w)) => {
+                CpuStorage::F32(forward(slice(x, l1)?, slice(w, l2)?, self.eps as f32))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(w)) => {
+                CpuStorage::F64(forward(slice(x, l1)?, slice(w, l2)?, self.eps))
+            }
+            _ => candle_core::bail!("fused rms norm takes two f32 or two f64 tensors"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let flat = |t: &Tensor| t.contiguous()?.flatten_all();
+        let (dx, dw) = match x.dtype() {
+            DType::F32 => {
+                let (dx, dw) = rms_norm_backward(
+                    &flat(x)?.to_vec1::<f32>()?,
+                    &flat(w)?.to_vec1::<f32>()?,
+                    &flat(grad)?.to_vec1::<f32>()?,
+                    self.eps as f32,
+                );
+                (Tensor::from_vec(dx, x.shape(), x.device())?, Tensor::from_vec(dw, w.shape(), w.device())?)
+            }
+            _ => {
+                let (dx, dw) = rms_norm_backward(
+                    &flat(x)?.to_vec1::<f64>()?,
+                    &flat(w)?.to_vec1::<f64>()?,
+                    &flat(grad)?.to_vec1::<f64>()?,
+                    self.eps,
+                );
+                (Tensor::from_vec(dx, x.shape(), x.device())?, Tensor::from_vec(dw, w.shape(), w.device())?)
+            }
+        };
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
 struct Gelu;
 
 impl CustomOp1 for Gelu {
@@ -250,6 +369,28 @@ mod tests {
                 let g_composed = (&composed * &weights).unwrap().sum_all().unwrap().backward().unwrap();
                 let (a, b) = (g_fused.get(&x).unwrap(), g_composed.get(&x).unwrap());
                 assert!(max_diff(a, b) < 1e-5, "backward {shape:?}: {}", max_diff(a, b));
+            }
+        }
+    }
+
+    #[test]
+    fn fused_rms_norm_matches_the_composed_one_forward_and_backward() {
+        for shape in [(4, 64, 300), (2, 3, 5)] {
+            let x = candle_core::Var::from_tensor(&sample(shape)).unwrap();
+            let w =
+                candle_core::Var::from_tensor(&sample((1, 1, shape.2)).flatten_all().unwrap().cos().unwrap()).unwrap();
+            let upstream = sample(shape).sin().unwrap();
+            let fused = rms_norm(&x, &w, 1e-6).unwrap();
+            let mean_square = x.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+            let composed =
+                x.broadcast_div(&(mean_square + 1e-6).unwrap().sqrt().unwrap()).unwrap().broadcast_mul(&w).unwrap();
+            assert!(max_diff(&fused, &composed) < 1e-5, "forward {shape:?}");
+            let g_fused = (&fused * &upstream).unwrap().sum_all().unwrap().backward().unwrap();
+            let g_composed = (&composed * &upstream).unwrap().sum_all().unwrap().backward().unwrap();
+            for var in [&x, &w] {
+                let (a, b) = (g_fused.get(var).unwrap(), g_composed.get(var).unwrap());
+                let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(max_diff(a, b) <= 1e-5 * scale.max(1.0), "backward {shape:?}: {}", max_diff(a, b));
             }
         }
     }

@@ -12,9 +12,9 @@
 //!
 //! Every op here has a backward pass. Two fast candle kernels do not
 //! (`candle_nn::ops::softmax_last_dim` and `rms_norm`): their gradients
-//! silently vanish, so attention uses our fused softmax (src/kernels.rs, with
-//! its own backward) and RMS norm is written out. tests/gradients.rs checks
-//! this.
+//! silently vanish, so attention softmax and RMS norm are our own fused
+//! kernels with backward passes (src/kernels.rs; composed from candle ops
+//! off the CPU). tests/gradients.rs checks this.
 
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Embedding, VarBuilder};
@@ -293,8 +293,8 @@ impl Linear {
     }
 }
 
-/// RMS layer norm, written out so that it has a backward pass. In bf16 the
-/// statistics are taken in f32, as transformers does.
+/// T5's RMS layer norm (src/kernels.rs: fused on the CPU, composed
+/// elsewhere; in bf16 the statistics are taken in f32, as transformers does).
 struct RmsNorm {
     weight: Tensor, // (d_model,)
     eps: f64,
@@ -306,11 +306,7 @@ impl RmsNorm {
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let dtype = xs.dtype();
-        let xs = at_least_f32(xs)?;
-        let mean_square = xs.sqr()?.mean_keepdim(D::Minus1)?; // (b, t, 1)
-        let normed = xs.broadcast_div(&(mean_square + self.eps)?.sqrt()?)?;
-        normed.to_dtype(dtype)?.broadcast_mul(&self.weight)
+        crate::kernels::rms_norm(xs, &self.weight, self.eps)
     }
 }
 
@@ -468,15 +464,6 @@ impl Stack {
         let bias = bias.reshape((q_len, k_len, ()))?.permute((2, 0, 1))?; // (heads, q_len, k_len)
         let future = Tensor::from_vec(future, (1, q_len, k_len), device)?.to_dtype(bias.dtype())?;
         bias.broadcast_add(&future)?.unsqueeze(0)
-    }
-}
-
-/// Half-precision tensors in f32; f32 and f64 as they are. Norm statistics
-/// and the loss are computed in this precision.
-fn at_least_f32(xs: &Tensor) -> Result<Tensor> {
-    match xs.dtype() {
-        DType::BF16 | DType::F16 => xs.to_dtype(DType::F32),
-        _ => Ok(xs.clone()),
     }
 }
 
@@ -659,7 +646,7 @@ impl T5 {
     /// Sum of the token cross-entropies over the batch's non-pad targets, as
     /// a scalar of at least f32 precision. Divide by the number of target tokens for the mean.
     pub fn loss_sum(&self, batch: &Seq2SeqBatch, drop: &mut Dropout) -> Result<Tensor> {
-        let logits = at_least_f32(&self.forward(batch, drop)?)?;
+        let logits = crate::kernels::at_least_f32(&self.forward(batch, drop)?)?;
         let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?; // (b, t, vocab)
         let target_log_probs = log_probs.gather(&batch.labels.unsqueeze(2)?, 2)?.squeeze(2)?; // (b, t)
         (&target_log_probs * batch.label_mask.to_dtype(target_log_probs.dtype())?)?.sum_all()?.neg()
