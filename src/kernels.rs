@@ -113,7 +113,7 @@ fn map_float_storage(
 }
 
 /// Float types the kernels run on.
-trait Float: Copy + Default + Send + Sync + num_traits::Float + 'static {
+trait Float: Copy + Default + Send + Sync + num_traits::Float + candle_core::WithDType + 'static {
     fn c(v: f64) -> Self;
 }
 impl Float for f32 {
@@ -128,14 +128,14 @@ impl Float for f64 {
 }
 
 fn softmax_row<T: Float>(x: &[T], y: &mut [T]) {
-    let max = x.iter().copied().fold(T::neg_infinity(), T::max);
+    let max = x.iter().copied().fold(T::neg_infinity(), num_traits::Float::max);
     let mut sum = T::zero();
     for (y, &x) in y.iter_mut().zip(x) {
         *y = (x - max).exp();
-        sum = sum + *y;
+        sum += *y;
     }
     let inv = T::one() / sum;
-    y.iter_mut().for_each(|y| *y = *y * inv);
+    y.iter_mut().for_each(|y| *y *= inv);
 }
 
 /// dx = y * (g - sum(g * y)) for a softmax output y and its gradient g.
@@ -246,7 +246,7 @@ fn rms_norm_backward<T: Float>(x: &[T], w: &[T], g: &[T], eps: T) -> (Vec<T>, Ve
                 let scale = r * r * dot / T::c(n as f64);
                 for j in 0..n {
                     dx_row[j] = r * (g[j] * w[j] - x[j] * scale);
-                    dw[j] = dw[j] + g[j] * x[j] * r;
+                    dw[j] += g[j] * x[j] * r;
                 }
             }
             dw
@@ -254,7 +254,7 @@ fn rms_norm_backward<T: Float>(x: &[T], w: &[T], g: &[T], eps: T) -> (Vec<T>, Ve
         .collect();
     let mut dw = vec![T::zero(); n];
     for partial in partials {
-        dw.iter_mut().zip(partial).for_each(|(total, p)| *total = *total + p);
+        dw.iter_mut().zip(partial).for_each(|(total, p)| *total += p);
     }
     (dx, dw)
 }
@@ -286,26 +286,15 @@ impl CustomOp2 for RmsNorm {
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let flat = |t: &Tensor| t.contiguous()?.flatten_all();
+        /// Reads the tensors as `T`, runs `rms_norm_backward`, and wraps the results.
+        fn gradients<T: Float>(x: &Tensor, w: &Tensor, grad: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+            let flat = |t: &Tensor| t.contiguous()?.flatten_all()?.to_vec1::<T>();
+            let (dx, dw) = rms_norm_backward(&flat(x)?, &flat(w)?, &flat(grad)?, T::c(eps));
+            Ok((Tensor::from_vec(dx, x.shape(), x.device())?, Tensor::from_vec(dw, w.shape(), w.device())?))
+        }
         let (dx, dw) = match x.dtype() {
-            DType::F32 => {
-                let (dx, dw) = rms_norm_backward(
-                    &flat(x)?.to_vec1::<f32>()?,
-                    &flat(w)?.to_vec1::<f32>()?,
-                    &flat(grad)?.to_vec1::<f32>()?,
-                    self.eps as f32,
-                );
-                (Tensor::from_vec(dx, x.shape(), x.device())?, Tensor::from_vec(dw, w.shape(), w.device())?)
-            }
-            _ => {
-                let (dx, dw) = rms_norm_backward(
-                    &flat(x)?.to_vec1::<f64>()?,
-                    &flat(w)?.to_vec1::<f64>()?,
-                    &flat(grad)?.to_vec1::<f64>()?,
-                    self.eps,
-                );
-                (Tensor::from_vec(dx, x.shape(), x.device())?, Tensor::from_vec(dw, w.shape(), w.device())?)
-            }
+            DType::F32 => gradients::<f32>(x, w, grad, self.eps)?,
+            _ => gradients::<f64>(x, w, grad, self.eps)?,
         };
         Ok((Some(dx), Some(dw)))
     }
