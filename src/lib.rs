@@ -4,7 +4,7 @@
 //! Modules, from the bottom up:
 //! - `tokenizer`: ByT5's byte vocabulary and batch padding;
 //! - `model`: T5 v1.1 / ByT5 written for training (one file);
-//! - `kernels`: fused CPU softmax and GELU with their backward passes;
+//! - `kernels`: fused CPU softmax, GELU and RMS norm with their backward passes;
 //! - `weights`: seeded initialisation, Hugging Face checkpoints and the hub cache;
 //! - `train`: Adam, length-grouped micro-batches, resumable checkpoints;
 //! - `generate`: batched greedy decoding with a key/value cache;
