@@ -31,7 +31,7 @@ pub fn greedy(model: &T5, inputs: &[Vec<u32>], opts: GreedyOptions) -> Result<Ve
     }
     let input = pad_batch(inputs, device)?;
     let encoded = model.encode(&input.ids, &input.mask, &mut Dropout::off())?;
-    let mut state = model.start_decoder(&encoded, &input.mask)?;
+    let mut state = model.start_decoder(&encoded, &input.mask, true)?;
     // Rows still decoding (indices into `outputs`) and their next input token.
     let mut active: Vec<usize> = (0..inputs.len()).collect();
     let mut next = vec![DECODER_START; inputs.len()];

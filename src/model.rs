@@ -263,6 +263,10 @@ impl Dropout {
         self.rng.as_ref()
     }
 
+    fn is_on(&self) -> bool {
+        self.rng.is_some() && self.rate > 0.0
+    }
+
     fn apply(&mut self, xs: &Tensor) -> Result<Tensor> {
         let Some(rng) = self.rng.as_mut().filter(|_| self.rate > 0.0) else {
             return Ok(xs.clone());
@@ -347,13 +351,26 @@ impl Attention {
 
     /// Queries from `xs` (b, tq, d_model) attend to `keys`/`values`
     /// (b, heads, tk, d_kv); `bias` broadcasts to (b, heads, tq, tk) and holds
-    /// the position bias and the masks. Returns (b, tq, d_model).
-    fn attend(&self, xs: &Tensor, keys: &Tensor, values: &Tensor, bias: &Tensor, drop: &mut Dropout) -> Result<Tensor> {
+    /// the position bias and the masks. `no_gradients`: the caller takes none,
+    /// so a single query may use the fused inference kernel. Returns (b, tq, d_model).
+    fn attend(
+        &self,
+        xs: &Tensor,
+        keys: &Tensor,
+        values: &Tensor,
+        bias: &Tensor,
+        no_gradients: bool,
+        drop: &mut Dropout,
+    ) -> Result<Tensor> {
         let (b, tq, _) = xs.dims3()?;
         let q = self.split_heads(&self.q.forward(xs)?)?; // (b, h, tq, d_kv)
-        let scores = q.matmul(&keys.t()?)?.broadcast_add(bias)?; // (b, h, tq, tk)
-        let weights = drop.apply(&crate::kernels::softmax_last_dim(&scores)?)?;
-        let out = weights.matmul(values)?; // (b, h, tq, d_kv)
+        let out = if no_gradients && tq == 1 && !drop.is_on() {
+            crate::kernels::attend_one_query(&q, keys, values, bias)?
+        } else {
+            let scores = q.matmul(&keys.t()?)?.broadcast_add(bias)?; // (b, h, tq, tk)
+            let weights = drop.apply(&crate::kernels::softmax_last_dim(&scores)?)?;
+            weights.matmul(values)?
+        }; // (b, h, tq, d_kv)
         let out = out.transpose(1, 2)?.reshape((b, tq, self.num_heads * self.d_kv))?;
         self.o.forward(&out)
     }
@@ -481,10 +498,12 @@ pub struct DecoderState {
     cross: Vec<(Tensor, Tensor)>,
     /// (b, 1, 1, src_len): masks the encoder's padding.
     cross_bias: Tensor,
-    /// Per layer: self-attention keys and values of past tokens, (b, heads, len, d_kv).
-    past: Vec<Option<(Tensor, Tensor)>>,
+    /// Per layer: self-attention keys and values of past tokens.
+    past: Vec<Option<(KvBuffer, KvBuffer)>>,
     /// Number of tokens decoded so far.
     len: usize,
+    /// Set for generation: no gradients will be taken through the decoder.
+    no_gradients: bool,
 }
 
 impl DecoderState {
@@ -493,9 +512,55 @@ impl DecoderState {
         let select = |(k, v): &(Tensor, Tensor)| Ok((k.index_select(rows, 0)?, v.index_select(rows, 0)?));
         self.cross = self.cross.iter().map(select).collect::<Result<_>>()?;
         self.cross_bias = self.cross_bias.index_select(rows, 0)?;
-        for past in self.past.iter_mut().flatten() {
-            *past = select(past)?;
+        for (k, v) in self.past.iter_mut().flatten() {
+            k.select_rows(rows)?;
+            v.select_rows(rows)?;
         }
+        Ok(())
+    }
+}
+
+/// Keys or values of the tokens a decoder layer has seen, (b, heads, len,
+/// d_kv), in a buffer with room to grow along the length: a decoding step
+/// writes its one position in place, and the buffer doubles when full. (A
+/// fresh concatenation per step copied the whole cache into new pages: half
+/// of the time of decoding at batch 256.)
+#[derive(Clone)]
+struct KvBuffer {
+    /// (b, heads, capacity, d_kv); positions len.. are unused.
+    buffer: Tensor,
+    len: usize,
+}
+
+impl KvBuffer {
+    /// Appends `new` (b, heads, t, d_kv) to `past`. The first call keeps
+    /// `new` itself, so teacher forcing, one call with the whole target,
+    /// keeps its gradients.
+    fn append(past: Option<KvBuffer>, new: Tensor) -> Result<KvBuffer> {
+        let t = new.dim(2)?;
+        let Some(mut past) = past else {
+            return Ok(KvBuffer { buffer: new, len: t });
+        };
+        let capacity = past.buffer.dim(2)?;
+        if past.len + t > capacity {
+            let (b, heads, _, d_kv) = past.buffer.dims4()?;
+            let grown = (2 * capacity).max(past.len + t);
+            let buffer = Tensor::zeros((b, heads, grown, d_kv), new.dtype(), new.device())?;
+            buffer.slice_set(&past.view()?.contiguous()?, 2, 0)?;
+            past.buffer = buffer;
+        }
+        past.buffer.slice_set(&new.contiguous()?, 2, past.len)?;
+        past.len += t;
+        Ok(past)
+    }
+
+    /// (b, heads, len, d_kv), a view into the buffer.
+    fn view(&self) -> Result<Tensor> {
+        self.buffer.narrow(2, 0, self.len)
+    }
+
+    fn select_rows(&mut self, rows: &Tensor) -> Result<()> {
+        self.buffer = self.buffer.index_select(rows, 0)?;
         Ok(())
     }
 }
@@ -581,7 +646,7 @@ impl T5 {
         for block in &self.encoder.blocks {
             let normed = block.self_attn_norm.forward(&xs)?;
             let (k, v) = block.self_attn.keys_values(&normed)?;
-            let attended = block.self_attn.attend(&normed, &k, &v, &bias, drop)?;
+            let attended = block.self_attn.attend(&normed, &k, &v, &bias, false, drop)?;
             xs = (&xs + drop.apply(&attended)?)?;
             let transformed = block.ff.forward(&block.ff_norm.forward(&xs)?, drop)?;
             xs = (&xs + drop.apply(&transformed)?)?;
@@ -590,7 +655,9 @@ impl T5 {
     }
 
     /// Projects the encoder output for every decoder layer's cross-attention.
-    pub fn start_decoder(&self, encoded: &Tensor, input_mask: &Tensor) -> Result<DecoderState> {
+    /// Generation passes `no_gradients`, which lets decoding steps use
+    /// inference-only kernels.
+    pub fn start_decoder(&self, encoded: &Tensor, input_mask: &Tensor, no_gradients: bool) -> Result<DecoderState> {
         let cross = self
             .decoder
             .blocks
@@ -602,6 +669,7 @@ impl T5 {
             cross_bias: padding_bias(input_mask, self.dtype())?,
             past: vec![None; self.decoder.blocks.len()],
             len: 0,
+            no_gradients,
         })
     }
 
@@ -615,18 +683,18 @@ impl T5 {
         let mut xs = drop.apply(&self.shared.forward(ids)?)?;
         for (i, block) in self.decoder.blocks.iter().enumerate() {
             let normed = block.self_attn_norm.forward(&xs)?;
-            let (mut k, mut v) = block.self_attn.keys_values(&normed)?;
-            if let Some((past_k, past_v)) = &state.past[i] {
-                k = Tensor::cat(&[past_k, &k], 2)?;
-                v = Tensor::cat(&[past_v, &v], 2)?;
-            }
-            let attended = block.self_attn.attend(&normed, &k, &v, &self_bias, drop)?;
+            let (k, v) = block.self_attn.keys_values(&normed)?;
+            let (past_k, past_v) = state.past[i].take().unzip();
+            let (k, v) = (KvBuffer::append(past_k, k)?, KvBuffer::append(past_v, v)?);
+            let attended =
+                block.self_attn.attend(&normed, &k.view()?, &v.view()?, &self_bias, state.no_gradients, drop)?;
             xs = (&xs + drop.apply(&attended)?)?;
             state.past[i] = Some((k, v));
 
             let (cross_attn, cross_norm) = block.cross_attn.as_ref().expect("decoder block");
             let (cross_k, cross_v) = &state.cross[i];
-            let attended = cross_attn.attend(&cross_norm.forward(&xs)?, cross_k, cross_v, &state.cross_bias, drop)?;
+            let normed = cross_norm.forward(&xs)?;
+            let attended = cross_attn.attend(&normed, cross_k, cross_v, &state.cross_bias, state.no_gradients, drop)?;
             xs = (&xs + drop.apply(&attended)?)?;
             let transformed = block.ff.forward(&block.ff_norm.forward(&xs)?, drop)?;
             xs = (&xs + drop.apply(&transformed)?)?;
@@ -639,7 +707,7 @@ impl T5 {
     /// Teacher-forced logits (b, tgt_len, vocab).
     pub fn forward(&self, batch: &Seq2SeqBatch, drop: &mut Dropout) -> Result<Tensor> {
         let encoded = self.encode(&batch.input_ids, &batch.input_mask, drop)?;
-        let mut state = self.start_decoder(&encoded, &batch.input_mask)?;
+        let mut state = self.start_decoder(&encoded, &batch.input_mask, false)?;
         self.decode(&batch.decoder_input_ids, &mut state, drop)
     }
 
