@@ -34,12 +34,16 @@ run: build  ## run (or resume) an experiment: make run CONFIG=experiments/NAME.t
 	$(SECTOR) run $(CONFIG) --runs-dir $(RUNS)
 
 PEER_PYTHON := benches/.venv/bin/python
+# The venv's python is a symlink to the system's, so its date says nothing
+# about the install: a stamp file records that pip finished.
+PEER_STAMP := benches/.venv/installed
 
-bench-peer: $(PEER_PYTHON)  ## the venv with torch + transformers for the peer benchmark (about 3 GB, 3 minutes)
+bench-peer: $(PEER_STAMP)  ## the venv with torch + transformers for the peer benchmark (about 3 GB, 3 minutes)
 
-$(PEER_PYTHON): benches/requirements.txt
+$(PEER_STAMP): benches/requirements.txt
 	python3 -m venv benches/.venv
 	$(PEER_PYTHON) -m pip install --quiet -r benches/requirements.txt
+	touch $@
 
-bench: build bench-peer  ## sector vs PyTorch + transformers, interleaved per case (results/bench-cpu.md); about 8 minutes
+bench: build bench-peer  ## sector vs PyTorch + transformers, interleaved per case (results/bench-cpu.md); about 20 minutes
 	$(SECTOR) bench --peer "$(PEER_PYTHON) benches/peer.py" | tee results/bench-cpu.md

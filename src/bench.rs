@@ -49,9 +49,12 @@ const CASES: [Case; 6] = [
 ];
 
 /// Measures every case whose name contains `filter`. With `peer` (a shell
-/// command such as "python benches/peer.py"), runs it after each case with
-/// `--case NAME --reps N` and puts its tokens/s beside ours.
-pub fn run(reps: usize, filter: &str, peer: Option<&str>) -> crate::Result<()> {
+/// command such as "python benches/peer.py"), runs it after each of sector's
+/// measurements with `--case NAME --reps N` and puts its tokens/s beside
+/// ours. Each case alternates sector and the peer `rounds` times and reports
+/// the median round of each, so that a slow minute of a shared machine lands
+/// on both sides or on neither.
+pub fn run(reps: usize, rounds: usize, filter: &str, peer: Option<&str>) -> crate::Result<()> {
     let reps = reps.max(1);
     let threads = candle_core::utils::get_num_threads();
     let peak = matmul_flops_per_s(reps)?;
@@ -64,31 +67,39 @@ pub fn run(reps: usize, filter: &str, peer: Option<&str>) -> crate::Result<()> {
         let mut rng = Pcg64::seed_from_u64(1);
         let tokens = |rng: &mut Pcg64, len: usize| -> Vec<u32> { (0..len).map(|_| rng.random_range(3..259)).collect() };
         let inputs: Vec<Vec<u32>> = (0..case.batch).map(|_| tokens(&mut rng, SRC_LEN)).collect();
-        let (seconds, tokens_per_run, flops_per_run) = match case.kind {
-            Kind::Train { tgt_len } => {
-                let examples: Vec<Example> =
-                    inputs.into_iter().map(|input| (input, tokens(&mut rng, tgt_len))).collect();
-                let batch: Vec<&Example> = examples.iter().collect();
-                let config = TrainConfig {
-                    batch_size: case.batch,
-                    max_tokens_per_micro_batch: usize::MAX,
-                    ..TrainConfig::default()
-                };
-                let mut trainer = Trainer::new(model, config)?;
-                let seconds = median_seconds(reps, || trainer.step(&batch).map(|_| ()))?;
-                (seconds, case.batch * tgt_len, 3.0 * forward_flops(&cfg, case.batch, SRC_LEN, tgt_len))
+        // One timed unit of work, the tokens it processes and its matmul FLOPs.
+        let (mut run_once, tokens_per_run, flops_per_run): (Box<dyn FnMut() -> crate::Result<()>>, usize, f64) =
+            match case.kind {
+                Kind::Train { tgt_len } => {
+                    let examples: Vec<Example> =
+                        inputs.into_iter().map(|input| (input, tokens(&mut rng, tgt_len))).collect();
+                    let config = TrainConfig {
+                        batch_size: case.batch,
+                        max_tokens_per_micro_batch: usize::MAX,
+                        ..TrainConfig::default()
+                    };
+                    let mut trainer = Trainer::new(model, config)?;
+                    let step = move || trainer.step(&examples.iter().collect::<Vec<_>>()).map(|_| ());
+                    (Box::new(step), case.batch * tgt_len, 3.0 * forward_flops(&cfg, case.batch, SRC_LEN, tgt_len))
+                }
+                Kind::Decode => {
+                    let opts = GreedyOptions { max_new_tokens: NEW_TOKENS, stop_at_eos: false };
+                    let decode = move || Ok(greedy(&model.t5, &inputs, opts).map(|_| ())?);
+                    (Box::new(decode), case.batch * NEW_TOKENS, decode_flops(&cfg, case.batch, SRC_LEN, NEW_TOKENS))
+                }
+            };
+        let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+        for _ in 0..rounds.max(1) {
+            ours.push(tokens_per_run as f64 / median_seconds(reps, &mut run_once)?);
+            if let Some(command) = peer {
+                theirs.push(peer_tokens_per_s(command, &case.name(), reps)?);
             }
-            Kind::Decode => {
-                let opts = GreedyOptions { max_new_tokens: NEW_TOKENS, stop_at_eos: false };
-                let seconds = median_seconds(reps, || Ok(greedy(&model.t5, &inputs, opts).map(|_| ())?))?;
-                (seconds, case.batch * NEW_TOKENS, decode_flops(&cfg, case.batch, SRC_LEN, NEW_TOKENS))
-            }
-        };
-        let flops_per_s = flops_per_run / seconds;
-        let ours = tokens_per_run as f64 / seconds;
+        }
+        let ours = median(ours);
+        let flops_per_s = flops_per_run * ours / tokens_per_run as f64;
         let (theirs, ratio) = match peer {
-            Some(command) => {
-                let theirs = peer_tokens_per_s(command, &case.name(), reps)?;
+            Some(_) => {
+                let theirs = median(theirs);
                 (format!("{theirs:.0}"), format!("{:.2}x", ours / theirs))
             }
             None => ("-".into(), "-".into()),
@@ -102,6 +113,11 @@ pub fn run(reps: usize, filter: &str, peer: Option<&str>) -> crate::Result<()> {
         );
     }
     Ok(())
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
 }
 
 /// Runs the peer benchmark on one case; it prints {"tokens_per_s": ...}.
@@ -130,25 +146,30 @@ fn peer_tokens_per_s(command: &str, case: &str, reps: usize) -> crate::Result<f6
 /// Median wall time of `reps` runs after one warm-up run.
 fn median_seconds(reps: usize, mut f: impl FnMut() -> crate::Result<()>) -> crate::Result<f64> {
     f()?;
-    let mut times = (0..reps)
+    let times = (0..reps)
         .map(|_| {
             let start = Instant::now();
             f().map(|_| start.elapsed().as_secs_f64())
         })
         .collect::<crate::Result<Vec<f64>>>()?;
-    times.sort_by(f64::total_cmp);
-    Ok(times[times.len() / 2])
+    Ok(median(times))
 }
 
-/// FLOP/s of a large square f32 matmul on the CPU.
+/// FLOP/s of a large square f32 matmul on the CPU: the best of a few runs,
+/// since a peak is what the machine can do when nothing else runs.
 fn matmul_flops_per_s(reps: usize) -> crate::Result<f64> {
     const N: usize = 2048;
     let mut rng = Pcg64::seed_from_u64(2);
     let mut random =
         || Tensor::from_vec((0..N * N).map(|_| rng.random::<f32>()).collect::<Vec<_>>(), (N, N), &Device::Cpu);
     let (a, b) = (random()?, random()?);
-    let seconds = median_seconds(reps, || Ok(a.matmul(&b).map(|_| ())?))?;
-    Ok(2.0 * (N * N * N) as f64 / seconds)
+    let mut best = f64::INFINITY;
+    for _ in 0..reps.max(3) {
+        let start = Instant::now();
+        a.matmul(&b)?;
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    Ok(2.0 * (N * N * N) as f64 / best)
 }
 
 /// Matmul FLOPs of a teacher-forced forward pass (the backward pass costs

@@ -81,6 +81,9 @@ enum Command {
         /// Only the cases whose name contains this text.
         #[arg(long, default_value = "")]
         filter: String,
+        /// Rounds per case, alternating sector and the peer (the median round is reported).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
         /// A peer benchmark command run after each case with `--case NAME
         /// --reps N`, e.g. "benches/.venv/bin/python benches/peer.py".
         #[arg(long)]
@@ -136,7 +139,7 @@ pub fn run() -> anyhow::Result<()> {
                 write_atomic(&path, &csv_bytes(&lengths, &path)?)?;
             }
         }
-        Command::Bench { reps, filter, peer } => crate::bench::run(reps, &filter, peer.as_deref())?,
+        Command::Bench { reps, rounds, filter, peer } => crate::bench::run(reps, rounds, &filter, peer.as_deref())?,
     }
     Ok(())
 }
