@@ -1,8 +1,9 @@
 # sector: the Makefile is the entry point for users and for CI.
-#   make demo    the whole SECToR loop on the micro config (under a minute)
-#   make test    build from scratch and run every check CI runs
-#   make bench   training and decoding throughput on this machine
-# The paper's tables and figures arrive with their issue (README.md, "Status").
+#   make demo            the whole SECToR loop on the micro config (half a minute)
+#   make test            build from scratch and run every check CI runs
+#   make table1 ... all  the paper's artifacts (SCALE=micro|cpu|paper), see `make help`
+#   make verify          recompute the hashes of the recorded results (and of runs/)
+#   make bench           training and decoding throughput on this machine
 
 CARGO ?= cargo
 SECTOR := target/release/sector
@@ -12,10 +13,16 @@ FEATURE_FLAGS := $(if $(FEATURES),--features $(FEATURES),)
 
 RUNS ?= runs
 
-.PHONY: help build test lint bench bench-peer demo run
+# Which scale the artifact targets use: micro (machinery check, minutes),
+# cpu (this machine's reference results) or paper (CUDA; DEVICE=cuda).
+SCALE ?= cpu
+DEVICE ?= $(if $(filter paper,$(SCALE)),cuda,cpu)
+RESULTS := results/$(SCALE)
 
-help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
+.PHONY: help build test lint bench bench-peer demo run all verify
+
+help:  ## list the targets (expected times: micro / cpu / paper scale)
+	@grep -E '^[a-z0-9 -]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 22
 
 build:  ## release build of the sector binary
 	$(CARGO) build --release $(FEATURE_FLAGS)
@@ -27,8 +34,8 @@ lint:  ## formatting and clippy, warnings are errors
 test: lint  ## lint, then every unit and integration test (release mode: the tests train models)
 	$(CARGO) test --release
 
-demo: build  ## the SECToR loop end to end on experiments/micro.toml (machinery only: gates at 0)
-	$(SECTOR) run experiments/micro.toml --runs-dir $(RUNS)
+demo: build  ## the SECToR loop end to end on experiments/micro/main.toml (machinery only: gates at 0)
+	$(SECTOR) run experiments/micro/main.toml --runs-dir $(RUNS)
 
 run: build  ## run (or resume) an experiment: make run CONFIG=experiments/NAME.toml
 	$(SECTOR) run $(CONFIG) --runs-dir $(RUNS)
@@ -47,3 +54,58 @@ $(PEER_STAMP): benches/requirements.txt
 
 bench: build bench-peer  ## sector vs PyTorch + transformers, interleaved per case (results/bench-cpu.md); about 20 minutes
 	$(SECTOR) bench --peer "$(PEER_PYTHON) benches/peer.py" | tee results/bench-cpu.md
+
+# --- The paper's artifacts -------------------------------------------------
+# A table or figure renders from the recorded CSVs under results/$(SCALE)/
+# (seconds); the experiment behind it runs (or resumes) only when its
+# recorded results are missing. Times: micro / cpu / paper scale; cpu and
+# paper are REPRODUCE.md's measured or estimated figures.
+
+ARTIFACTS := table1 table2 table3 fig3 fig4 fig5 fig6 fig7 fig8 fig9 fig10 fig11 \
+	ablation-curriculum emergence control
+.PHONY: $(ARTIFACTS)
+
+table1 fig3 fig4 fig5 fig6 fig9 fig10: $(RESULTS)/main/manifest.sha256
+table3 fig7 fig8 fig11: $(RESULTS)/second/manifest.sha256
+table2: $(RESULTS)/table2/manifest.sha256
+ablation-curriculum: $(RESULTS)/main/manifest.sha256 $(RESULTS)/ablation-curriculum/manifest.sha256
+emergence: $(RESULTS)/emergence-1/manifest.sha256 $(RESULTS)/emergence-2/manifest.sha256 $(RESULTS)/emergence-3/manifest.sha256
+control: $(RESULTS)/control/manifest.sha256
+
+table1:  ## final checkpoint, fast accuracy by length (30 s / see REPRODUCE / about 24 h on 8 V100s)
+table2:  ## models out of the box, 10-shot (5 s / minutes / under an hour)
+table3:  ## second run's final checkpoint (30 s / see REPRODUCE / days)
+fig3:  ## N+1 generalisation, fast vs slow (main run)
+fig4:  ## simplify-then-guess traced (main run)
+fig5:  ## error rate of generated data by method (main run)
+fig6:  ## accuracy by stage and length, fast and chain (main run)
+fig7:  ## second run, fast
+fig8:  ## second run, chain of thought
+fig9:  ## accuracy against carries (main run)
+fig10:  ## examples generated and consumed (main run)
+fig11:  ## examples generated and consumed (second run)
+ablation-curriculum:  ## one supervised stage vs the curriculum (20 s / see REPRODUCE / hours)
+emergence:  ## supervised length needed per model size (1 min / see REPRODUCE / days)
+control:  ## supervised 1..5 then self-training (30 s / see REPRODUCE / about a day)
+
+$(ARTIFACTS): | build
+	$(SECTOR) render $@ --scale $(SCALE)
+
+all: $(ARTIFACTS)  ## every table and figure (from recorded results: under a minute)
+
+# Run (or resume) an experiment and record its results. Order-only on the
+# binary: a rebuild does not make recorded results stale.
+$(RESULTS)/table2/manifest.sha256: | build
+	$(SECTOR) fewshot experiments/$(SCALE)/table2.toml --runs-dir $(RUNS) --device $(DEVICE) --record $(RESULTS)/table2
+
+$(RESULTS)/%/manifest.sha256: | build
+	$(SECTOR) run experiments/$(SCALE)/$*.toml --runs-dir $(RUNS) --device $(DEVICE) --record $(RESULTS)/$*
+
+verify: build  ## recompute every recorded hash; reruns in runs/ are checked against the recorded run manifests
+	$(SECTOR) verify $(dir $(wildcard results/*/*/manifest.sha256))
+	@for recorded in results/*/*/run-manifest.sha256; do \
+	  scale=$$(basename $$(dirname $$(dirname $$recorded))); exp=$$(basename $$(dirname $$recorded)); \
+	  run=$(RUNS)/$$scale-$$exp; \
+	  if [ -d $$run ]; then echo "rerun $$run against $$recorded"; \
+	    $(SECTOR) verify $$run --against $$recorded || exit 1; fi; \
+	done

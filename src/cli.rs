@@ -3,7 +3,8 @@
 use crate::answer::Solver;
 use crate::config::Experiment;
 use crate::eval::{evaluate, read_problems, summarize};
-use crate::files::{csv_bytes, write_atomic};
+use crate::fewshot::FewShotConfig;
+use crate::files::{csv_bytes, record_run, write_atomic, Manifest};
 use crate::generate::greedy_text;
 use crate::model::select_device;
 use crate::task::{SlowFormat, TrueOracle};
@@ -45,10 +46,51 @@ enum Command {
     /// RUNS_DIR/<name>; an existing run directory is resumed from its last
     /// finished stage.
     Run {
-        /// An experiment config, e.g. experiments/micro.toml.
+        /// An experiment config, e.g. experiments/micro/main.toml.
         config: PathBuf,
         #[arg(long, default_value = "runs")]
         runs_dir: PathBuf,
+        /// When the run is done, record its results here (e.g. results/cpu/main).
+        #[arg(long)]
+        record: Option<PathBuf>,
+        /// Override the config's device (cpu, cuda or cuda:N).
+        #[arg(long)]
+        device: Option<String>,
+    },
+    /// Table 2: models out of the box asked to add with a ten-shot prompt,
+    /// into RUNS_DIR/<name>/fewshot.csv.
+    Fewshot {
+        /// A few-shot config, e.g. experiments/cpu/table2.toml.
+        config: PathBuf,
+        #[arg(long, default_value = "runs")]
+        runs_dir: PathBuf,
+        /// Record the results here when done (e.g. results/cpu/table2).
+        #[arg(long)]
+        record: Option<PathBuf>,
+        /// Override the config's device (cpu, cuda or cuda:N).
+        #[arg(long)]
+        device: Option<String>,
+    },
+    /// Render tables and figures from the recorded results of a scale:
+    /// results/<scale>/ -> results/<scale>/tables/ and figures/<scale>/.
+    Render {
+        /// Artifact names (table1 ... fig11, ablation-curriculum, emergence, control), or `all`.
+        artifacts: Vec<String>,
+        /// micro, cpu or paper.
+        #[arg(long, default_value = "cpu")]
+        scale: String,
+        /// The repository root that holds results/ and figures/.
+        #[arg(long, default_value = ".")]
+        root: PathBuf,
+    },
+    /// Recompute the sha256 of every file a directory's manifest.sha256
+    /// lists (a run directory or recorded results) and name each missing or
+    /// changed file; with --against, check the directory's files against
+    /// another manifest (a rerun against its recorded run-manifest.sha256).
+    Verify {
+        dirs: Vec<PathBuf>,
+        #[arg(long)]
+        against: Option<PathBuf>,
     },
     /// Put a problem set (CSV with columns a,b,c) to a checkpoint: per
     /// problem the fast answer, the chain answer and the one-step slow
@@ -108,12 +150,67 @@ pub fn run() -> anyhow::Result<()> {
                 println!("{}", escape(&output));
             }
         }
-        Command::Run { config, runs_dir } => {
-            let experiment = Experiment::load(&config)?;
+        Command::Run { config, runs_dir, record, device } => {
+            let mut experiment = Experiment::load(&config)?;
+            if let Some(device) = device {
+                experiment.model.device = device;
+            }
+            let run_dir = runs_dir.join(&experiment.name);
             let records = crate::sector::run(experiment, &runs_dir, &TrueOracle)?;
             println!("{} stages:", records.len());
             for record in &records {
                 println!("{}", crate::sector::stage_summary(record));
+            }
+            if let Some(dest) = record {
+                let files = record_run(&run_dir, &dest)?;
+                println!("recorded {} files in {}", files.len(), dest.display());
+            }
+        }
+        Command::Fewshot { config, runs_dir, record, device } => {
+            let mut config = FewShotConfig::load(&config)?;
+            if let Some(device) = device {
+                config.device = device;
+            }
+            let run_dir = crate::fewshot::run_into(&config, &runs_dir)?;
+            if let Some(dest) = record {
+                let files = record_run(&run_dir, &dest)?;
+                println!("recorded {} files in {}", files.len(), dest.display());
+            }
+        }
+        Command::Render { artifacts, scale, root } => {
+            let paths = crate::report::Paths::new(&root, &scale);
+            let names: Vec<String> = if artifacts.iter().any(|a| a == "all") {
+                crate::report::ARTIFACTS.iter().map(|a| a.name.to_string()).collect()
+            } else {
+                artifacts
+            };
+            for name in &names {
+                for path in crate::report::render(name, &paths)? {
+                    println!("{}", path.display());
+                }
+            }
+        }
+        Command::Verify { dirs, against } => {
+            let mut failed = false;
+            for dir in &dirs {
+                let manifest = match &against {
+                    Some(path) => Manifest::load_file(path)?,
+                    None => Manifest::load(dir)?,
+                };
+                let problems = manifest.problems(dir);
+                for problem in &problems {
+                    println!("{problem}");
+                }
+                println!(
+                    "{}: {} of {} files match",
+                    dir.display(),
+                    manifest.entries.len() - problems.len(),
+                    manifest.entries.len()
+                );
+                failed |= !problems.is_empty();
+            }
+            if failed {
+                anyhow::bail!("verification failed: see the files named above");
             }
         }
         Command::Eval { model, problems, out, summary, slow_format, decode_batch, device } => {

@@ -15,7 +15,7 @@ use std::path::Path;
 pub struct Experiment {
     /// Names the run directory (runs/<name>) and labels its artifacts.
     pub name: String,
-    /// "cpu" or "paper", printed beside every number the run produces.
+    /// "micro" (machinery checks), "cpu" or "paper"; labels every artifact.
     #[serde(default = "defaults::scale")]
     pub scale: String,
     /// Seeds every random draw of the run (data, weights, order, dropout).
@@ -228,11 +228,24 @@ pub struct EvalSettings {
     pub problems_per_length: usize,
     /// Rows per greedy decoding call (generation and evaluation).
     pub decode_batch: usize,
+    /// Figure 9: problems of (final digits + carry_digits_beyond) digits put
+    /// to the final checkpoint (the paper: 30 digits after learning 28).
+    pub carry_problems: usize,
+    pub carry_digits_beyond: usize,
+    /// Figure 4: problems of final digits + 1 traced through simplify-then-guess.
+    pub vote_examples: usize,
 }
 
 impl Default for EvalSettings {
     fn default() -> Self {
-        EvalSettings { lengths_beyond: 8, problems_per_length: 100, decode_batch: 256 }
+        EvalSettings {
+            lengths_beyond: 8,
+            problems_per_length: 100,
+            decode_batch: 256,
+            carry_problems: 1000,
+            carry_digits_beyond: 2,
+            vote_examples: 3,
+        }
     }
 }
 
@@ -271,8 +284,8 @@ impl Experiment {
                 format!("is {:?}; use letters, digits, - and _ (it names the run directory)", self.name),
             );
         }
-        if !["cpu", "paper"].contains(&self.scale.as_str()) {
-            return bad("scale", format!("is {:?}; use \"cpu\" or \"paper\"", self.scale));
+        if !["micro", "cpu", "paper"].contains(&self.scale.as_str()) {
+            return bad("scale", format!("is {:?}; use \"micro\", \"cpu\" or \"paper\"", self.scale));
         }
         match (&self.model.preset, &self.model.weights) {
             (Some(_), Some(_)) | (None, None) => {

@@ -62,7 +62,12 @@ impl Manifest {
 
     /// Reads `dir/manifest.sha256`.
     pub fn load(dir: &Path) -> Result<Self> {
-        let path = dir.join(MANIFEST);
+        Self::load_file(&dir.join(MANIFEST))
+    }
+
+    /// Reads a manifest in `sha256sum` format from any path.
+    pub fn load_file(path: &Path) -> Result<Self> {
+        let path = path.to_path_buf();
         let text = String::from_utf8(read(&path)?).map_err(|_| Error::format(&path, "is not UTF-8"))?;
         let mut entries = BTreeMap::new();
         for (i, line) in text.lines().enumerate() {
@@ -86,6 +91,18 @@ impl Manifest {
         Ok(())
     }
 
+    /// Every missing or changed file under `dir`, each as a message naming it
+    /// (empty when all match). `sector verify` reports them all at once.
+    pub fn problems(&self, dir: &Path) -> Vec<String> {
+        self.entries
+            .keys()
+            .filter_map(|name| match read(&dir.join(name)) {
+                Err(e) => Some(format!("missing: {e}")),
+                Ok(bytes) => self.verify_bytes(dir, name, &bytes).err().map(|e| format!("changed: {e}")),
+            })
+            .collect()
+    }
+
     /// Checks bytes already read from `dir/name` against the manifest.
     pub fn verify_bytes(&self, dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
         let path = dir.join(name);
@@ -98,6 +115,28 @@ impl Manifest {
         }
         Ok(())
     }
+}
+
+/// The recorded run's full manifest (datasets and checkpoints included),
+/// kept beside its recorded results.
+pub const RUN_MANIFEST: &str = "run-manifest.sha256";
+
+/// Records a finished run under `dest` (e.g. results/cpu/main): its config
+/// and results CSVs, its manifest as `run-manifest.sha256` (the hashes of
+/// the datasets and checkpoints, which stay out of git) and a manifest of
+/// the recorded files. The run is verified first. Returns the files copied.
+pub fn record_run(run_dir: &Path, dest: &Path) -> Result<Vec<String>> {
+    let run_manifest = Manifest::load(run_dir)?;
+    run_manifest.verify(run_dir)?;
+    std::fs::create_dir_all(dest).map_err(|e| Error::io(dest, e))?;
+    let mut recorded = Manifest::default();
+    // Top-level files are the config and the results; data/ and checkpoints/ are not copied.
+    for name in run_manifest.entries.keys().filter(|name| !name.contains('/')) {
+        recorded.write_file(dest, name, &read(&run_dir.join(name))?)?;
+    }
+    recorded.write_file(dest, RUN_MANIFEST, &read(&run_dir.join(MANIFEST))?)?;
+    recorded.save(dest)?;
+    Ok(recorded.entries.into_keys().collect())
 }
 
 /// Rows of a CSV file with a header (none if the file does not exist).
@@ -147,6 +186,23 @@ mod tests {
         std::fs::write(dir.path().join("a.txt"), b"hellO").unwrap();
         let err = loaded.verify(dir.path()).unwrap_err().to_string();
         assert!(err.contains("a.txt") && err.contains("sha256"), "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn problems_lists_every_missing_and_changed_file() -> Result<()> {
+        let dir = tempfile::tempdir().unwrap();
+        let mut manifest = Manifest::default();
+        for name in ["a.txt", "b.txt", "c.txt"] {
+            manifest.write_file(dir.path(), name, name.as_bytes())?;
+        }
+        assert!(manifest.problems(dir.path()).is_empty());
+        std::fs::remove_file(dir.path().join("a.txt")).unwrap();
+        std::fs::write(dir.path().join("c.txt"), b"C.txt").unwrap();
+        let problems = manifest.problems(dir.path());
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems[0].starts_with("missing") && problems[0].contains("a.txt"), "{problems:?}");
+        assert!(problems[1].starts_with("changed") && problems[1].contains("c.txt"), "{problems:?}");
         Ok(())
     }
 

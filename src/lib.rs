@@ -13,20 +13,27 @@
 //! - `eval`: accuracy by length, and `sector eval` on any problem set;
 //! - `config`: experiment configs (TOML);
 //! - `sector`: the SECToR loop, its run directory and resume;
-//! - `files`: atomic writes and sha256 manifests;
+//! - `analysis`: carries and traced votes of a run's final checkpoint;
+//! - `fewshot`: Table 2, models out of the box with a ten-shot prompt;
+//! - `report`, `figures`: the paper's tables and figures from recorded results;
+//! - `files`: atomic writes, sha256 manifests, recording a run's results;
 //! - `bench`: throughput of the training and decoding kernels;
 //! - `cli`: the `sector` command line.
 
+pub mod analysis;
 pub mod answer;
 pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod error;
 pub mod eval;
+pub mod fewshot;
+pub mod figures;
 pub mod files;
 pub mod generate;
 pub mod kernels;
 pub mod model;
+pub mod report;
 pub mod sector;
 pub mod task;
 pub mod tokenizer;

@@ -14,6 +14,7 @@
 //! inside the supervised range, and for audits and evaluation, which are
 //! recorded but never feed training or a gate of self-training.
 
+use crate::analysis::{self, CARRIES_CSV, VOTES_CSV};
 use crate::answer::{majority_vote, Solver, Trace};
 use crate::config::{Experiment, LabelMethod, StartSelfTraining};
 use crate::error::{Error, Result};
@@ -55,6 +56,8 @@ mod streams {
     pub const NEXT_LENGTH: u128 = 3;
     pub const REPLAY: u128 = 4;
     pub const EVAL: u128 = 5;
+    pub const CARRIES: u128 = 6;
+    pub const VOTES: u128 = 7;
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -229,6 +232,7 @@ pub fn run(experiment: Experiment, runs_root: &Path, oracle: &dyn Oracle) -> Res
         output.record.seconds = started.elapsed().as_secs_f64();
         run.finish_stage(&trainer, output)?;
     }
+    run.analyse_final_checkpoint()?;
     Ok(run.records)
 }
 
@@ -828,6 +832,51 @@ impl<'a> Run<'a> {
     /// Writes a finished stage: dataset, checkpoint, results CSVs, manifest,
     /// in that order, so a stage counts as finished only once its row is in
     /// stages.csv and everything it needs is on disk.
+    /// Figures 4 and 9 from the checkpoint of the last stage that passed its
+    /// gate (the run's result); done once, after the last stage.
+    fn analyse_final_checkpoint(&mut self) -> Result<()> {
+        if self.manifest.entries.contains_key(CARRIES_CSV) && self.manifest.entries.contains_key(VOTES_CSV) {
+            return Ok(());
+        }
+        let Some(last) = self.records.iter().rev().find(|r| r.passed).cloned() else {
+            self.log("no stage passed its gate: no final checkpoint to analyse");
+            return Ok(());
+        };
+        let e = &self.experiment.eval;
+        let trainer = Trainer::load(&self.checkpoint_dir(last.stage), &self.device)?;
+        let solver = self.solver(&trainer, &format!("analysing stage {}", last.stage));
+        let digits = last.digits + e.carry_digits_beyond;
+        let problems =
+            sample_unique(&mut self.rng(digits, streams::CARRIES), digits, e.carry_problems, &HashSet::new());
+        let carries = analysis::carries(&solver, &problems, self.oracle, last.stage)?;
+        // Every other problem: a sample holds twins side by side, and one of each pair is enough.
+        let examples: Vec<Problem> = sample_unique(
+            &mut self.rng(last.digits + 1, streams::VOTES),
+            last.digits + 1,
+            2 * e.vote_examples,
+            &HashSet::new(),
+        )
+        .into_iter()
+        .step_by(2)
+        .collect();
+        let votes = analysis::votes(&solver, &examples, self.experiment.self_training.k, self.oracle)?;
+        drop(solver);
+        let carries_bytes = csv_bytes(&carries, &self.dir.join(CARRIES_CSV))?;
+        let votes_bytes = csv_bytes(&votes, &self.dir.join(VOTES_CSV))?;
+        self.manifest.write_file(&self.dir, CARRIES_CSV, &carries_bytes)?;
+        self.manifest.write_file(&self.dir, VOTES_CSV, &votes_bytes)?;
+        self.manifest.save(&self.dir)?;
+        let fast = carries.iter().filter(|r| r.fast_correct).count();
+        self.log(&format!(
+            "final checkpoint (stage {}, {} digits): {fast}/{} fast on {digits}-digit problems; {} traced examples",
+            last.stage,
+            last.digits,
+            carries.len(),
+            examples.len()
+        ));
+        Ok(())
+    }
+
     fn finish_stage(&mut self, trainer: &Trainer, output: StageOutput) -> Result<()> {
         let stage = output.record.stage;
         let data_file = Self::data_file(stage);

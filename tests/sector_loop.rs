@@ -1,4 +1,4 @@
-//! The SECToR loop on the micro config (experiments/micro.toml: supervised
+//! The SECToR loop on the micro config (experiments/micro/main.toml: supervised
 //! to 3 digits, self-training to 5): a killed run resumes to the same result,
 //! datasets are deterministic, no ground truth above the supervised cap
 //! reaches training, and a run directory refuses a different config.
@@ -14,7 +14,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 fn micro_config() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("experiments/micro.toml")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("experiments/micro/main.toml")
 }
 
 fn micro() -> Experiment {
@@ -88,13 +88,13 @@ fn records_without_time(run_dir: &Path) -> Vec<StageRecord> {
 
 #[test]
 fn the_micro_run_goes_from_supervised_3_to_self_taught_5() {
-    let records = records_without_time(&reference_run().join("micro"));
+    let records = records_without_time(&reference_run().join("micro-main"));
     let stages: Vec<(Phase, usize)> = records.iter().map(|r| (r.phase, r.digits)).collect();
     assert_eq!(stages, vec![(Phase::Supervised, 3), (Phase::SelfTraining, 4), (Phase::SelfTraining, 5)]);
     assert_eq!(records.last().unwrap().next_phase, Phase::Stop);
     assert!(records.iter().all(|r| r.epochs == 4 && r.train_examples > 0));
     // Every file the run wrote is in its manifest, with the right hash.
-    let dir = reference_run().join("micro");
+    let dir = reference_run().join("micro-main");
     let manifest = sector::files::Manifest::load(&dir).unwrap();
     manifest.verify(&dir).unwrap();
     for file in files_under(&dir) {
@@ -108,7 +108,7 @@ fn the_micro_run_goes_from_supervised_3_to_self_taught_5() {
 #[test]
 fn a_killed_run_resumes_to_the_same_result() {
     let runs = tempfile::tempdir().unwrap();
-    let stages_csv = runs.path().join("micro/stages.csv");
+    let stages_csv = runs.path().join("micro-main/stages.csv");
     let sector = |args: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_sector"))
             .args(["run", micro_config().to_str().unwrap(), "--runs-dir", runs.path().to_str().unwrap()])
@@ -131,7 +131,7 @@ fn a_killed_run_resumes_to_the_same_result() {
     assert!(finished.len() < 3, "killed with {} of 3 stages done", finished.len());
 
     assert!(sector(&[]).wait().unwrap().success(), "the resumed run succeeds");
-    let (resumed, reference) = (runs.path().join("micro"), reference_run().join("micro"));
+    let (resumed, reference) = (runs.path().join("micro-main"), reference_run().join("micro-main"));
     assert_eq!(records_without_time(&resumed), records_without_time(&reference));
     // Datasets, checkpoints and results: byte for byte.
     let compared: Vec<PathBuf> = files_under(&reference)
@@ -179,8 +179,8 @@ fn no_ground_truth_above_the_supervised_cap_reaches_training() {
     let poisoned = tempfile::tempdir().unwrap();
     let oracle = PoisonedOracle::new(3);
     run(micro(), poisoned.path(), &oracle).unwrap();
-    let reference = reference_run().join("micro");
-    let (honest, lied_to) = (training_view(&reference), training_view(&poisoned.path().join("micro")));
+    let reference = reference_run().join("micro-main");
+    let (honest, lied_to) = (training_view(&reference), training_view(&poisoned.path().join("micro-main")));
     for (stage, (a, b)) in honest.0.iter().zip(&lied_to.0).enumerate() {
         assert_same_rows(a, b, &format!("dataset of stage {}", stage + 1));
     }
@@ -199,11 +199,11 @@ fn the_poison_test_can_fail_a_leak_inside_the_cap_changes_training() {
     let mut experiment = micro();
     experiment.self_training.last_digits = 3; // only the supervised stage is needed
     run(experiment, poisoned.path(), &PoisonedOracle::new(2)).unwrap();
-    let honest: Vec<DataRow> = read_csv(&reference_run().join("micro/data/stage-01.csv")).unwrap();
-    let lied_to: Vec<DataRow> = read_csv(&poisoned.path().join("micro/data/stage-01.csv")).unwrap();
+    let honest: Vec<DataRow> = read_csv(&reference_run().join("micro-main/data/stage-01.csv")).unwrap();
+    let lied_to: Vec<DataRow> = read_csv(&poisoned.path().join("micro-main/data/stage-01.csv")).unwrap();
     assert_ne!(honest, lied_to);
     let weights = |dir: &Path| sha256_file(&dir.join("checkpoints/stage-01/model.safetensors")).unwrap();
-    assert_ne!(weights(&reference_run().join("micro")), weights(&poisoned.path().join("micro")));
+    assert_ne!(weights(&reference_run().join("micro-main")), weights(&poisoned.path().join("micro-main")));
 }
 
 #[test]
@@ -214,5 +214,5 @@ fn a_run_directory_made_by_another_config_is_refused() {
     run(experiment.clone(), runs.path(), &TrueOracle).unwrap();
     experiment.train.lr = 5e-4;
     let err = run(experiment, runs.path(), &TrueOracle).unwrap_err().to_string();
-    assert!(err.contains("micro") && err.contains("another config") && err.contains("Fix"), "{err}");
+    assert!(err.contains("micro-main") && err.contains("another config") && err.contains("Fix"), "{err}");
 }

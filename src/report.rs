@@ -1,0 +1,757 @@
+//! The paper's artifacts (PROTOCOL.md section 7) from recorded results.
+//!
+//! Layout, per scale (micro, cpu, paper):
+//! - `results/<scale>/<experiment>/`: a run's recorded CSVs, its config and
+//!   manifests (`sector record`);
+//! - `results/<scale>/tables/<artifact>.md` and `.csv`: tables, with the
+//!   paper's numbers beside ours;
+//! - `figures/<scale>/<artifact>.svg` and `.png`: figures.
+//!
+//! Rendering reads only the recorded CSVs (with polars), so every table and
+//! figure is remade in seconds without a model.
+
+use crate::analysis::{CARRIES_CSV, VOTES_CSV};
+use crate::error::{Error, Result};
+use crate::fewshot::FEWSHOT_CSV;
+use crate::figures::{palette, Bar, Bars, Curve, Figure, Grid, GridRow, Lines, Panel, TextPage};
+use crate::files::write_atomic;
+use crate::sector::{ACCURACY_CSV, GENERATION_CSV, STAGES_CSV};
+use polars::prelude::*;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// One artifact: its name (the make target), the experiments whose recorded
+/// results it reads (results/<scale>/<experiment>/) and what it shows.
+pub struct Artifact {
+    pub name: &'static str,
+    pub experiments: &'static [&'static str],
+    pub shows: &'static str,
+}
+
+pub const ARTIFACTS: [Artifact; 15] = [
+    Artifact {
+        name: "table1",
+        experiments: &["main"],
+        shows: "final checkpoint of the main run: fast accuracy per length",
+    },
+    Artifact {
+        name: "table2",
+        experiments: &["table2"],
+        shows: "models out of the box: 10-shot accuracy, lengths 1-4",
+    },
+    Artifact {
+        name: "table3",
+        experiments: &["second"],
+        shows: "final checkpoint of the second run: fast accuracy per length",
+    },
+    Artifact {
+        name: "fig3",
+        experiments: &["main"],
+        shows: "accuracy on N+1 digits after training on 1..N, fast vs slow",
+    },
+    Artifact {
+        name: "fig4",
+        experiments: &["main"],
+        shows: "simplify-then-guess on real problems: steps, guesses, vote",
+    },
+    Artifact {
+        name: "fig5",
+        experiments: &["main"],
+        shows: "audited error rate of generated data by method and check",
+    },
+    Artifact {
+        name: "fig6",
+        experiments: &["main"],
+        shows: "main run: accuracy of each stage on lengths 1..N+8, fast and chain",
+    },
+    Artifact { name: "fig7", experiments: &["second"], shows: "second run: accuracy of each stage, fast" },
+    Artifact { name: "fig8", experiments: &["second"], shows: "second run: accuracy of each stage, chain of thought" },
+    Artifact {
+        name: "fig9",
+        experiments: &["main"],
+        shows: "accuracy at last+2 digits against carries and carry streaks",
+    },
+    Artifact { name: "fig10", experiments: &["main"], shows: "main run: examples generated and consumed per stage" },
+    Artifact {
+        name: "fig11",
+        experiments: &["second"],
+        shows: "second run: examples generated and consumed per stage",
+    },
+    Artifact {
+        name: "ablation-curriculum",
+        experiments: &["main", "ablation-curriculum"],
+        shows: "one supervised stage on 1..N vs the curriculum: one-step slow at N+1..N+3",
+    },
+    Artifact {
+        name: "emergence",
+        experiments: &["emergence-1", "emergence-2", "emergence-3"],
+        shows: "per model size: supervised length and examples before slow generalises",
+    },
+    Artifact { name: "control", experiments: &["control"], shows: "control run: supervised 1..5, then self-training" },
+];
+
+pub fn artifact(name: &str) -> Result<&'static Artifact> {
+    ARTIFACTS.iter().find(|a| a.name == name).ok_or_else(|| {
+        let names: Vec<&str> = ARTIFACTS.iter().map(|a| a.name).collect();
+        Error::format(name, format!("is not an artifact; the artifacts are {}", names.join(", ")))
+    })
+}
+
+/// Where a scale's results, tables and figures live.
+pub struct Paths {
+    pub scale: String,
+    pub results: PathBuf,
+    pub figures: PathBuf,
+}
+
+impl Paths {
+    pub fn new(root: &Path, scale: &str) -> Self {
+        Paths {
+            scale: scale.to_string(),
+            results: root.join("results").join(scale),
+            figures: root.join("figures").join(scale),
+        }
+    }
+
+    fn experiment(&self, name: &str) -> PathBuf {
+        self.results.join(name)
+    }
+
+    fn tables(&self) -> PathBuf {
+        self.results.join("tables")
+    }
+
+    /// "CPU scale" etc., with the model of the experiment, for captions.
+    fn label(&self) -> String {
+        match self.scale.as_str() {
+            "paper" => "paper scale".into(),
+            "cpu" => "CPU scale (small T5 from random init, 2 cores)".into(),
+            other => format!("{other} scale (machinery check, not a result)"),
+        }
+    }
+}
+
+/// Renders one artifact from recorded results; returns the files written.
+pub fn render(name: &str, paths: &Paths) -> Result<Vec<PathBuf>> {
+    let artifact = artifact(name)?;
+    for experiment in artifact.experiments {
+        let dir = paths.experiment(experiment);
+        if !dir.is_dir() {
+            return Err(Error::format(
+                &dir,
+                format!(
+                    "is missing: `{name}` needs the recorded results of `{experiment}`; run `make {name}` to make them"
+                ),
+            ));
+        }
+    }
+    std::fs::create_dir_all(paths.tables()).map_err(|e| Error::io(paths.tables(), e))?;
+    std::fs::create_dir_all(&paths.figures).map_err(|e| Error::io(&paths.figures, e))?;
+    match name {
+        "table1" | "table3" => final_accuracy_table(paths, artifact),
+        "table2" => fewshot_table(paths),
+        "fig3" => generalisation_figure(paths),
+        "fig4" => vote_figure(paths),
+        "fig5" => error_rate_figure(paths),
+        "fig6" => stage_grid_figure(paths, "fig6", "main", &[Column::Fast, Column::Chain]),
+        "fig7" => stage_grid_figure(paths, "fig7", "second", &[Column::Fast]),
+        "fig8" => stage_grid_figure(paths, "fig8", "second", &[Column::Chain]),
+        "fig9" => carries_figure(paths),
+        "fig10" => examples_figure(paths, "fig10", "main"),
+        "fig11" => examples_figure(paths, "fig11", "second"),
+        "ablation-curriculum" => curriculum_table(paths),
+        "emergence" => emergence_table(paths, artifact),
+        "control" => control_table(paths),
+        _ => unreachable!("every artifact has a renderer"),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Reading recorded CSVs.
+
+/// A recorded CSV as a data frame; errors name the file.
+pub fn read_frame(path: &Path) -> Result<DataFrame> {
+    let bytes = crate::files::read(path)?;
+    CsvReadOptions::default()
+        .with_has_header(true)
+        .with_infer_schema_length(None)
+        .into_reader_with_file_handle(std::io::Cursor::new(bytes))
+        .finish()
+        .map_err(|e| Error::format(path, format!("is not a readable CSV: {e}")))
+}
+
+/// Typed columns of a frame, with errors that name the file and the column.
+struct Frame<'a> {
+    df: DataFrame,
+    path: &'a Path,
+}
+
+impl<'a> Frame<'a> {
+    fn read(path: &'a Path) -> Result<Self> {
+        Ok(Frame { df: read_frame(path)?, path })
+    }
+
+    fn series(&self, name: &str, dtype: DataType) -> Result<Series> {
+        let bad = |problem: String| Error::format(self.path, format!("column `{name}`: {problem}"));
+        let column = self.df.column(name).map_err(|_| bad("is missing".into()))?;
+        column.as_materialized_series().cast(&dtype).map_err(|e| bad(format!("is not {dtype}: {e}")))
+    }
+
+    fn f64s(&self, name: &str) -> Result<Vec<Option<f64>>> {
+        Ok(self.series(name, DataType::Float64)?.f64().expect("cast to f64").iter().collect())
+    }
+
+    fn usizes(&self, name: &str) -> Result<Vec<usize>> {
+        let values = self.series(name, DataType::UInt64)?;
+        let values: Vec<Option<u64>> = values.u64().expect("cast to u64").iter().collect();
+        values
+            .into_iter()
+            .map(|v| {
+                v.map(|v| v as usize)
+                    .ok_or_else(|| Error::format(self.path, format!("column `{name}` has an empty cell")))
+            })
+            .collect()
+    }
+
+    fn strings(&self, name: &str) -> Result<Vec<String>> {
+        let values = self.series(name, DataType::String)?;
+        Ok(values.str().expect("cast to string").iter().map(|v| v.unwrap_or_default().to_string()).collect())
+    }
+
+    fn bools(&self, name: &str) -> Result<Vec<bool>> {
+        let values = self.series(name, DataType::Boolean)?;
+        Ok(values.bool().expect("cast to bool").iter().map(|v| v.unwrap_or(false)).collect())
+    }
+
+    /// The rows where `column` equals `value`.
+    fn filter_eq(&self, column: &str, value: u64) -> Result<Frame<'a>> {
+        let mask = self.series(column, DataType::UInt64)?.u64().expect("cast to u64").equal(value);
+        let df = self.df.filter(&mask).map_err(|e| Error::format(self.path, e.to_string()))?;
+        Ok(Frame { df, path: self.path })
+    }
+}
+
+/// One stage of a recorded run (the stages.csv columns the artifacts use).
+struct Stage {
+    stage: usize,
+    supervised: bool,
+    digits: usize,
+    passed: bool,
+    next_fast: Option<f64>,
+    next_slow: Option<f64>,
+    generated: usize,
+    accepted: usize,
+    train_examples: usize,
+    script_examples: usize,
+    consumed: usize,
+    accepted_fast_error: Option<f64>,
+    stop_reason: String,
+}
+
+fn read_stages(dir: &Path) -> Result<Vec<Stage>> {
+    let path = dir.join(STAGES_CSV);
+    let f = Frame::read(&path)?;
+    let (stage, digits, generated, accepted) =
+        (f.usizes("stage")?, f.usizes("digits")?, f.usizes("generated")?, f.usizes("accepted")?);
+    let (train, script, consumed) = (f.usizes("train_examples")?, f.usizes("script_examples")?, f.usizes("consumed")?);
+    let (phase, passed, stop) = (f.strings("phase")?, f.bools("passed")?, f.strings("stop_reason")?);
+    let (next_fast, next_slow, fast_error) =
+        (f.f64s("next_fast")?, f.f64s("next_slow")?, f.f64s("accepted_fast_error")?);
+    Ok((0..stage.len())
+        .map(|i| Stage {
+            stage: stage[i],
+            supervised: phase[i] == "supervised",
+            digits: digits[i],
+            passed: passed[i],
+            next_fast: next_fast[i],
+            next_slow: next_slow[i],
+            generated: generated[i],
+            accepted: accepted[i],
+            train_examples: train[i],
+            script_examples: script[i],
+            consumed: consumed[i],
+            accepted_fast_error: fast_error[i],
+            stop_reason: stop[i].clone(),
+        })
+        .collect())
+}
+
+/// The run's result: the last stage that passed its gate.
+fn final_stage(stages: &[Stage], dir: &Path) -> Result<usize> {
+    stages
+        .iter()
+        .rev()
+        .find(|s| s.passed)
+        .map(|s| s.stage)
+        .ok_or_else(|| Error::format(dir.join(STAGES_CSV), "has no stage that passed its gate"))
+}
+
+/// Accuracy of one stage's model per length: (length, problems, fast, chain, slow).
+type LengthRow = (usize, usize, f64, f64, Option<f64>);
+
+fn read_accuracy(dir: &Path, stage: usize) -> Result<Vec<LengthRow>> {
+    let path = dir.join(ACCURACY_CSV);
+    let f = Frame::read(&path)?.filter_eq("stage", stage as u64)?;
+    let (length, problems) = (f.usizes("length")?, f.usizes("problems")?);
+    let (fast, chain, slow) = (f.f64s("fast")?, f.f64s("chain")?, f.f64s("slow")?);
+    Ok((0..length.len())
+        .map(|i| (length[i], problems[i], fast[i].unwrap_or(0.0), chain[i].unwrap_or(0.0), slow[i]))
+        .collect())
+}
+
+// ---------------------------------------------------------------------------
+// Tables.
+
+/// A table written as Markdown (title, notes, rows) and as CSV (rows only).
+struct Table {
+    title: String,
+    notes: Vec<String>,
+    header: Vec<String>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    fn save(&self, paths: &Paths, name: &str) -> Result<Vec<PathBuf>> {
+        let mut md = format!("# {}\n\n", self.title);
+        for note in &self.notes {
+            md += &format!("{note}\n");
+        }
+        md += &format!("\n| {} |\n|{}\n", self.header.join(" | "), "---|".repeat(self.header.len()));
+        for row in &self.rows {
+            md += &format!("| {} |\n", row.join(" | "));
+        }
+        let md_path = paths.tables().join(format!("{name}.md"));
+        let csv_path = paths.tables().join(format!("{name}.csv"));
+        let mut writer = csv::Writer::from_writer(Vec::new());
+        let csv_error = |e: csv::Error| Error::format(&csv_path, e.to_string());
+        writer.write_record(&self.header).map_err(csv_error)?;
+        for row in &self.rows {
+            writer.write_record(row).map_err(csv_error)?;
+        }
+        let csv = writer.into_inner().map_err(|e| Error::format(&csv_path, e.to_string()))?;
+        write_atomic(&md_path, md.as_bytes())?;
+        write_atomic(&csv_path, &csv)?;
+        Ok(vec![md_path, csv_path])
+    }
+}
+
+fn percent(value: f64) -> String {
+    format!("{:.0}", 100.0 * value)
+}
+
+/// The paper's Table 1 (582M) and Table 3 (300M): fast accuracy in % by length.
+fn paper_final_accuracy(table: &str, length: usize) -> &'static str {
+    let table1 = ["88", "79", "52", "26", "2"]; // lengths 30..34
+    let table3 = ["95", "98", "98", "99", "98", "91", "33"]; // lengths 20..26
+    match (table, length) {
+        ("table1", 1..=29) | ("table3", 1..=19) => "98-100",
+        ("table1", 30..=34) => table1[length - 30],
+        ("table3", 20..=26) => table3[length - 20],
+        _ => "0",
+    }
+}
+
+fn final_accuracy_table(paths: &Paths, artifact: &Artifact) -> Result<Vec<PathBuf>> {
+    let dir = paths.experiment(artifact.experiments[0]);
+    let stages = read_stages(&dir)?;
+    let last = final_stage(&stages, &dir)?;
+    let s = &stages[last - 1];
+    let cap = stages.iter().filter(|s| s.supervised).map(|s| s.digits).max().unwrap_or(0);
+    let (paper_model, paper_run) = match artifact.name {
+        "table1" => ("582M", "supervised 1..6, self-taught to 28"),
+        _ => ("300M", "supervised 1..8, self-taught to 24"),
+    };
+    let rows = read_accuracy(&dir, last)?
+        .into_iter()
+        .map(|(length, problems, fast, _, _)| {
+            vec![
+                length.to_string(),
+                problems.to_string(),
+                percent(fast),
+                paper_final_accuracy(artifact.name, length).into(),
+            ]
+        })
+        .collect();
+    Table {
+        title: format!("{}: fast accuracy of the final checkpoint by length ({})", artifact.name, paths.label()),
+        notes: vec![
+            format!(
+                "Ours: stage {last}, supervised 1..{cap}, self-taught to {} digits. Paper ({paper_model}): {paper_run}.",
+                s.digits
+            ),
+            "Accuracy in % of the problems per length; the paper's column is its own table at the same length.".into(),
+        ],
+        header: vec!["length".into(), "problems".into(), "ours fast %".into(), format!("paper {paper_model} %")],
+        rows,
+    }
+    .save(paths, artifact.name)
+}
+
+fn fewshot_table(paths: &Paths) -> Result<Vec<PathBuf>> {
+    let path = paths.experiment("table2").join(FEWSHOT_CSV);
+    let f = Frame::read(&path)?;
+    let (models, digits, accuracy) = (f.strings("model")?, f.usizes("digits")?, f.f64s("accuracy")?);
+    let mut ours: BTreeMap<(usize, String), BTreeMap<usize, f64>> = BTreeMap::new();
+    for (i, model) in models.iter().enumerate() {
+        let order = models.iter().position(|m| m == model).unwrap_or(i);
+        ours.entry((order, model.clone())).or_default().insert(digits[i], accuracy[i].unwrap_or(0.0));
+    }
+    const PAPER: [(&str, [f64; 4]); 4] = [
+        ("ByT5 300M", [0.015, 0.004, 0.0, 0.0]),
+        ("ByT5 582M", [0.04, 0.005, 0.002, 0.0]),
+        ("ByT5 1.23B", [0.0, 0.005, 0.0, 0.0]),
+        ("ByT5 3.74B", [0.0, 0.002, 0.0, 0.0]),
+    ];
+    let mut rows = Vec::new();
+    for ((_, model), by_length) in &ours {
+        let cell = |n: usize| by_length.get(&n).map_or("-".to_string(), |a| format!("{a:.3}"));
+        rows.push(vec!["ours".into(), model.clone(), cell(1), cell(2), cell(3), cell(4)]);
+    }
+    for (model, accuracy) in PAPER {
+        let mut row = vec!["paper".to_string(), model.to_string()];
+        row.extend(accuracy.iter().map(|a| format!("{a:.3}")));
+        rows.push(row);
+    }
+    Table {
+        title: format!("table2: 10-shot addition accuracy of models out of the box ({})", paths.label()),
+        notes: vec![
+            "Prompt: ten solved lines `a + b = sum`, then `a + b =`; the first number of the continuation is the answer."
+                .into(),
+            if paths.scale == "paper" {
+                "Ours: pretrained ByT5 checkpoints from the Hugging Face hub.".into()
+            } else {
+                "Ours: the CPU presets from random initialisation, so this shows the evaluation code, not pretraining."
+                    .into()
+            },
+        ],
+        header: ["source", "model", "1 digit", "2 digits", "3 digits", "4 digits"].map(String::from).to_vec(),
+        rows,
+    }
+    .save(paths, "table2")
+}
+
+fn curriculum_table(paths: &Paths) -> Result<Vec<PathBuf>> {
+    let joint_dir = paths.experiment("ablation-curriculum");
+    let joint_stages = read_stages(&joint_dir)?;
+    let joint = joint_stages
+        .iter()
+        .find(|s| s.supervised)
+        .ok_or_else(|| Error::format(joint_dir.join(STAGES_CSV), "has no supervised stage"))?;
+    let n = joint.digits;
+    let main_dir = paths.experiment("main");
+    let main = read_stages(&main_dir)?.into_iter().find(|s| s.supervised && s.digits == n).ok_or_else(|| {
+        Error::format(main_dir.join(STAGES_CSV), format!("has no supervised stage on 1..{n} to compare with"))
+    })?;
+    let mut rows = Vec::new();
+    for (setting, dir, stage) in
+        [("curriculum 3, 4, ..", &main_dir, main.stage), ("one stage", &joint_dir, joint.stage)]
+    {
+        let by_length = read_accuracy(dir, stage)?;
+        let mut row = vec![setting.to_string(), format!("1..{n}")];
+        for length in n + 1..=n + 3 {
+            let slow = by_length.iter().find(|r| r.0 == length).and_then(|r| r.4);
+            row.push(slow.map_or("-".into(), percent));
+        }
+        rows.push(row);
+    }
+    let mut header = vec!["setting".to_string(), "trained on".into()];
+    header.extend((n + 1..=n + 3).map(|l| format!("slow % at {l}")));
+    Table {
+        title: format!("ablation-curriculum: one supervised stage vs the curriculum ({})", paths.label()),
+        notes: vec![format!(
+            "One-step slow exact match on {}..{} digits after supervised training on 1..{n} (the paper: 1..6, judged at 7, 8, 9).",
+            n + 1,
+            n + 3
+        )],
+        header,
+        rows,
+    }
+    .save(paths, "ablation-curriculum")
+}
+
+fn emergence_table(paths: &Paths, artifact: &Artifact) -> Result<Vec<PathBuf>> {
+    let mut rows = Vec::new();
+    for experiment in artifact.experiments {
+        let dir = paths.experiment(experiment);
+        let config = crate::config::Experiment::load(&dir.join(crate::sector::CONFIG_FILE))?;
+        let size = config
+            .model_config()
+            .map(|c| format!("{:.2}M", c.num_params() as f64 / 1e6))
+            .or(config.model.weights.clone())
+            .unwrap_or_default();
+        let stages = read_stages(&dir)?;
+        let threshold = config.supervised.generalise_threshold;
+        let supervised: Vec<&Stage> = stages.iter().filter(|s| s.supervised).collect();
+        let emerged = supervised.iter().position(|s| s.next_slow.is_some_and(|a| a >= threshold));
+        let examples: usize =
+            supervised[..emerged.map_or(supervised.len(), |i| i + 1)].iter().map(|s| s.consumed).sum();
+        let best = supervised.iter().filter_map(|s| s.next_slow).fold(0.0, f64::max);
+        rows.push(vec![
+            experiment.to_string(),
+            size,
+            emerged.map_or("not within the run".into(), |i| format!("1..{}", supervised[i].digits)),
+            examples.to_string(),
+            percent(best),
+        ]);
+    }
+    Table {
+        title: format!("emergence: supervised training needed before slow generalises to N+1 ({})", paths.label()),
+        notes: vec![
+            "Generalises: one-step slow exact match on N+1 digits at or above the config's generalise_threshold."
+                .into(),
+            "Paper: 582M after 1..6 with about 0.5M examples; 300M after 1..8 with almost 4M.".into(),
+        ],
+        header: ["experiment", "parameters", "generalised after", "examples consumed", "best slow % on N+1"]
+            .map(String::from)
+            .to_vec(),
+        rows,
+    }
+    .save(paths, "emergence")
+}
+
+fn control_table(paths: &Paths) -> Result<Vec<PathBuf>> {
+    let dir = paths.experiment("control");
+    let stages = read_stages(&dir)?;
+    let rows = stages
+        .iter()
+        .map(|s| {
+            vec![
+                s.stage.to_string(),
+                if s.supervised { "supervised" } else { "self" }.into(),
+                s.digits.to_string(),
+                if s.passed { "yes" } else { "no" }.into(),
+                if s.supervised { "-".into() } else { format!("{}/{}", s.accepted, s.generated) },
+                s.accepted_fast_error.map_or("-".into(), |e| format!("{:.1}", 100.0 * e)),
+                s.stop_reason.clone(),
+            ]
+        })
+        .collect();
+    let last = stages.iter().filter(|s| !s.supervised && s.passed).map(|s| s.digits).max();
+    Table {
+        title: format!("control: supervised 1..5, then self-training ({})", paths.label()),
+        notes: vec![
+            format!("Ours: self-taught up to {} digits.", last.map_or("no".into(), |d| d.to_string())),
+            "Paper: supervised 1..5, self-training 6..21.".into(),
+        ],
+        header: ["stage", "phase", "digits", "passed", "accepted/generated", "audited error % (fast)", "stop"]
+            .map(String::from)
+            .to_vec(),
+        rows,
+    }
+    .save(paths, "control")
+}
+
+// ---------------------------------------------------------------------------
+// Figures.
+
+fn figure(paths: &Paths, name: &str, title: &str, panels: Vec<Panel>, size: (u32, u32)) -> Result<Vec<PathBuf>> {
+    Figure { caption: format!("{name}: {title} -- {}", paths.label()), panels, size }.save(&paths.figures, name)
+}
+
+fn generalisation_figure(paths: &Paths) -> Result<Vec<PathBuf>> {
+    let stages = read_stages(&paths.experiment("main"))?;
+    let supervised: Vec<&Stage> = stages.iter().filter(|s| s.supervised).collect();
+    let points = |value: fn(&Stage) -> Option<f64>| {
+        supervised.iter().filter_map(|s| value(s).map(|v| (s.digits as f64, 100.0 * v))).collect::<Vec<_>>()
+    };
+    let max_n = supervised.iter().map(|s| s.digits).max().unwrap_or(1) as f64;
+    let lines = Lines {
+        title: "accuracy on N+1 digits after training on 1..N".into(),
+        x_label: "N (longest supervised length)".into(),
+        y_label: "exact match on N+1 digits (%)".into(),
+        x_range: (0.5, max_n + 0.5),
+        y_range: (0.0, 105.0),
+        series: vec![
+            Curve { label: "fast".into(), color: palette::BLUE, points: points(|s| s.next_fast) },
+            Curve { label: "one-step slow".into(), color: palette::RED, points: points(|s| s.next_slow) },
+        ],
+    };
+    figure(paths, "fig3", "length generalisation", vec![Panel::Lines(lines)], (800, 500))
+}
+
+fn vote_figure(paths: &Paths) -> Result<Vec<PathBuf>> {
+    let path = paths.experiment("main").join(VOTES_CSV);
+    let f = Frame::read(&path)?;
+    let (example, a, b, c) = (f.usizes("example")?, f.strings("a")?, f.strings("b")?, f.usizes("c")?);
+    let (steps, slow, candidate) = (f.usizes("simplifications")?, f.strings("slow_output")?, f.strings("candidate")?);
+    let (vote, truth) = (f.strings("vote")?, f.strings("truth")?);
+    let mut panels = Vec::new();
+    for number in 1..=example.iter().copied().max().unwrap_or(0) {
+        let rows: Vec<usize> = (0..example.len()).filter(|&i| example[i] == number).collect();
+        let Some(&first) = rows.first() else { continue };
+        let plus_one = if c[first] == 1 { " + 1" } else { "" };
+        let mut lines = vec![format!("{} + {}{plus_one}", a[first], b[first]), String::new()];
+        for &i in &rows {
+            lines.push(format!("after {} simplification(s):", steps[i]));
+            for output_line in slow[i].lines() {
+                lines.push(format!("  {output_line}"));
+            }
+            let shown = if candidate[i].is_empty() { "(no answer)" } else { candidate[i].as_str() };
+            lines.push(format!("  guess: {shown}"));
+        }
+        lines.push(String::new());
+        let verdict = if vote[first] == truth[first] { "correct" } else { "wrong" };
+        let voted = if vote[first].is_empty() { "(no answer)" } else { vote[first].as_str() };
+        lines.push(format!("majority vote: {voted} ({verdict}; true sum {})", truth[first]));
+        panels.push(Panel::Text(TextPage { title: format!("example {number}"), lines }));
+    }
+    let height = 120 + 20 * panels_height(&panels);
+    let width = 560 * panels.len().max(1) as u32;
+    figure(paths, "fig4", "simplify-then-guess on problems of the next length", panels, (width, height))
+}
+
+fn panels_height(panels: &[Panel]) -> u32 {
+    panels.iter().map(|p| if let Panel::Text(t) = p { t.lines.len() as u32 } else { 0 }).max().unwrap_or(10)
+}
+
+fn error_rate_figure(paths: &Paths) -> Result<Vec<PathBuf>> {
+    let path = paths.experiment("main").join(GENERATION_CSV);
+    let f = Frame::read(&path)?;
+    let (kind, method, check) = (f.strings("kind")?, f.strings("method")?, f.strings("check")?);
+    let (kept, errors) = (f.usizes("kept")?, f.usizes("audited_errors")?);
+    // Summed over every self-training stage: (kind, method, check) -> (kept, errors).
+    let mut totals: BTreeMap<(String, String, String), (usize, usize)> = BTreeMap::new();
+    for i in 0..kind.len() {
+        let total = totals.entry((kind[i].clone(), method[i].clone(), check[i].clone())).or_default();
+        total.0 += kept[i];
+        total.1 += errors[i];
+    }
+    let rate = |kind: &str, method: &str, check: &str| {
+        totals.get(&(kind.into(), method.into(), check.into())).filter(|t| t.0 > 0).map(|t| t.1 as f64 / t.0 as f64)
+    };
+    let group = |kind: &str, method: &str, label: &str| {
+        (
+            label.to_string(),
+            vec![
+                Bar { label: "no check".into(), color: palette::GREY, value: rate(kind, method, "none") },
+                Bar {
+                    label: "commutativity".into(),
+                    color: palette::GREEN,
+                    value: rate(kind, method, "commutativity"),
+                },
+            ],
+        )
+    };
+    let bars = Bars {
+        title: "audited error rate of generated data, all self-training stages".into(),
+        y_label: "error rate".into(),
+        y_max: 1.3,
+        groups: vec![
+            group("fast", "fast", "fast: fast"),
+            group("fast", "simplify-only", "fast: simplify only"),
+            group("fast", "simplify-then-guess", "fast: simplify-then-guess"),
+            group("slow", "slow-greedy", "slow: greedy"),
+        ],
+    };
+    figure(paths, "fig5", "error rates by method", vec![Panel::Bars(bars)], (1000, 520))
+}
+
+#[derive(Clone, Copy)]
+enum Column {
+    Fast,
+    Chain,
+}
+
+fn stage_grid_figure(paths: &Paths, name: &str, experiment: &str, columns: &[Column]) -> Result<Vec<PathBuf>> {
+    let dir = paths.experiment(experiment);
+    let stages = read_stages(&dir)?;
+    let mut panels = Vec::new();
+    for &column in columns {
+        let mut rows = Vec::new();
+        for s in &stages {
+            let by_length = read_accuracy(&dir, s.stage)?;
+            let longest = by_length.iter().map(|r| r.0).max().unwrap_or(0);
+            let cells = (1..=longest)
+                .map(|l| {
+                    by_length.iter().find(|r| r.0 == l).map(|r| match column {
+                        Column::Fast => r.2,
+                        Column::Chain => r.3,
+                    })
+                })
+                .collect();
+            let phase = if s.supervised { "sup" } else { "self" };
+            rows.push(GridRow { label: format!("N={} {phase}", s.digits), trained: s.digits, cells });
+        }
+        let (title, color) = match column {
+            Column::Fast => ("fast (no chain of thought)", palette::BLUE),
+            Column::Chain => ("with chain of thought", palette::RED),
+        };
+        panels.push(Panel::Grid(Grid { title: title.into(), color, rows }));
+    }
+    let height = 160 + 22 * stages.len() as u32;
+    let width = 700 * columns.len() as u32;
+    figure(paths, name, &format!("accuracy by stage and length, {experiment} run"), panels, (width, height.max(400)))
+}
+
+fn carries_figure(paths: &Paths) -> Result<Vec<PathBuf>> {
+    let path = paths.experiment("main").join(CARRIES_CSV);
+    let f = Frame::read(&path)?;
+    let (digits, carries, streak) = (f.usizes("digits")?, f.usizes("carries")?, f.usizes("longest_streak")?);
+    let (fast, chain) = (f.bools("fast_correct")?, f.bools("chain_correct")?);
+    let n = digits.first().copied().unwrap_or(0);
+    let panel = |by: &[usize], label: &str| {
+        let mut groups: BTreeMap<usize, (usize, usize, usize)> = BTreeMap::new();
+        for i in 0..by.len() {
+            let g = groups.entry(by[i]).or_default();
+            g.0 += 1;
+            g.1 += fast[i] as usize;
+            g.2 += chain[i] as usize;
+        }
+        let series = |pick: fn(&(usize, usize, usize)) -> usize| {
+            groups.iter().map(|(&k, g)| (k as f64, 100.0 * pick(g) as f64 / g.0 as f64)).collect::<Vec<_>>()
+        };
+        let max_x = groups.keys().max().copied().unwrap_or(1) as f64;
+        Panel::Lines(Lines {
+            title: format!("{n}-digit problems by {label}"),
+            x_label: label.into(),
+            y_label: "accuracy (%)".into(),
+            x_range: (-0.5, max_x + 0.5),
+            y_range: (0.0, 105.0),
+            series: vec![
+                Curve { label: "fast".into(), color: palette::BLUE, points: series(|g| g.1) },
+                Curve { label: "chain".into(), color: palette::RED, points: series(|g| g.2) },
+            ],
+        })
+    };
+    let panels = vec![panel(&carries, "number of carries"), panel(&streak, "longest carry streak")];
+    figure(paths, "fig9", "accuracy against carries", panels, (1200, 500))
+}
+
+fn examples_figure(paths: &Paths, name: &str, experiment: &str) -> Result<Vec<PathBuf>> {
+    let stages = read_stages(&paths.experiment(experiment))?;
+    let cumulative = |value: &dyn Fn(&Stage) -> usize| {
+        let mut total = 0;
+        stages
+            .iter()
+            .map(|s| {
+                total += value(s);
+                (s.stage as f64, total as f64)
+            })
+            .collect::<Vec<_>>()
+    };
+    // Examples seen in training, split by the share of script rows in the stage's data.
+    let script_consumed = |s: &Stage| (s.consumed * s.script_examples).checked_div(s.train_examples).unwrap_or(0);
+    let series = vec![
+        Curve {
+            label: "consumed, supervised (script)".into(),
+            color: palette::BLUE,
+            points: cumulative(&script_consumed),
+        },
+        Curve {
+            label: "consumed, self-generated".into(),
+            color: palette::RED,
+            points: cumulative(&|s| s.consumed - script_consumed(s)),
+        },
+        Curve { label: "generated by the model".into(), color: palette::ORANGE, points: cumulative(&|s| s.generated) },
+    ];
+    let y_max = series.iter().flat_map(|s| s.points.iter().map(|p| p.1)).fold(1.0, f64::max);
+    let lines = Lines {
+        title: "cumulative examples over the run".into(),
+        x_label: "stage".into(),
+        y_label: "examples".into(),
+        x_range: (0.5, stages.len() as f64 + 0.5),
+        y_range: (0.0, y_max * 1.1),
+        series,
+    };
+    figure(paths, name, &format!("training data of the {experiment} run"), vec![Panel::Lines(lines)], (800, 500))
+}
