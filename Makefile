@@ -21,7 +21,7 @@ RESULTS := results/$(SCALE)
 
 .PHONY: help build test lint bench bench-peer demo run all verify
 
-help:  ## list the targets (expected times: micro / cpu / paper scale)
+help:  ## list the targets (times: measured at micro scale here; REPRODUCE.md has the rest)
 	@grep -E '^[a-z0-9 -]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 22
 
 build:  ## release build of the sector binary
@@ -58,8 +58,8 @@ bench: build bench-peer  ## sector vs PyTorch + transformers, interleaved per ca
 # --- The paper's artifacts -------------------------------------------------
 # A table or figure renders from the recorded CSVs under results/$(SCALE)/
 # (seconds); the experiment behind it runs (or resumes) only when its
-# recorded results are missing. Times: micro / cpu / paper scale; cpu and
-# paper are REPRODUCE.md's measured or estimated figures.
+# recorded results are missing. The times in `make help` were measured at
+# micro scale; REPRODUCE.md ("The artifacts") has the other scales.
 
 ARTIFACTS := table1 table2 table3 fig3 fig4 fig5 fig6 fig7 fig8 fig9 fig10 fig11 \
 	ablation-curriculum emergence control
@@ -72,9 +72,9 @@ ablation-curriculum: $(RESULTS)/main/manifest.sha256 $(RESULTS)/ablation-curricu
 emergence: $(RESULTS)/emergence-1/manifest.sha256 $(RESULTS)/emergence-2/manifest.sha256 $(RESULTS)/emergence-3/manifest.sha256
 control: $(RESULTS)/control/manifest.sha256
 
-table1:  ## final checkpoint, fast accuracy by length (30 s / see REPRODUCE / about 24 h on 8 V100s)
-table2:  ## models out of the box, 10-shot (5 s / minutes / under an hour)
-table3:  ## second run's final checkpoint (30 s / see REPRODUCE / days)
+table1:  ## final checkpoint, fast accuracy by length (micro 8 s; cpu and paper: REPRODUCE.md)
+table2:  ## models out of the box, 10-shot (micro 0.1 s)
+table3:  ## second run final checkpoint (micro 7 s)
 fig3:  ## N+1 generalisation, fast vs slow (main run)
 fig4:  ## simplify-then-guess traced (main run)
 fig5:  ## error rate of generated data by method (main run)
@@ -84,14 +84,14 @@ fig8:  ## second run, chain of thought
 fig9:  ## accuracy against carries (main run)
 fig10:  ## examples generated and consumed (main run)
 fig11:  ## examples generated and consumed (second run)
-ablation-curriculum:  ## one supervised stage vs the curriculum (20 s / see REPRODUCE / hours)
-emergence:  ## supervised length needed per model size (1 min / see REPRODUCE / days)
-control:  ## supervised 1..5 then self-training (30 s / see REPRODUCE / about a day)
+ablation-curriculum:  ## one supervised stage vs the curriculum (micro 7 s + main)
+emergence:  ## supervised length needed per model size (micro 44 s)
+control:  ## supervised 1..5 then self-training (micro 8 s)
 
 $(ARTIFACTS): | build
 	$(SECTOR) render $@ --scale $(SCALE)
 
-all: $(ARTIFACTS)  ## every table and figure (from recorded results: under a minute)
+all: $(ARTIFACTS)  ## every table and figure (rendering recorded results: 0.6 s; micro from nothing: 70 s)
 
 # Run (or resume) an experiment and record its results. Order-only on the
 # binary: a rebuild does not make recorded results stale.
