@@ -415,11 +415,17 @@ impl<'a> Run<'a> {
         let mut result = (0, 0.0, 0.0, false);
         for epoch in 1..=t.max_epochs {
             bar.set_message(format!("{label} epoch {epoch}/{}", t.max_epochs));
-            trainer.epoch_with_progress(train, |examples, _| bar.inc(examples as u64))?;
+            let started = Instant::now();
+            let loss = trainer.epoch_with_progress(train, |examples, _| bar.inc(examples as u64))?;
             if epoch < t.min_epochs {
+                self.log(&format!("{label} epoch {epoch}: loss {loss:.4}, {:.1} s", started.elapsed().as_secs_f64()));
                 continue;
             }
             let (fast, slow) = self.gate_accuracy(trainer, gate)?;
+            self.log(&format!(
+                "{label} epoch {epoch}: loss {loss:.4}, gate fast {fast:.3} slow {slow:.3}, {:.1} s",
+                started.elapsed().as_secs_f64()
+            ));
             result = (epoch, fast, slow, fast >= thresholds.0 && slow >= thresholds.1);
             if result.3 {
                 break;
