@@ -48,28 +48,16 @@ enum Command {
     Run {
         /// An experiment config, e.g. experiments/micro/main.toml.
         config: PathBuf,
-        #[arg(long, default_value = "runs")]
-        runs_dir: PathBuf,
-        /// When the run is done, record its results here (e.g. results/cpu/main).
-        #[arg(long)]
-        record: Option<PathBuf>,
-        /// Override the config's device (cpu, cuda or cuda:N).
-        #[arg(long)]
-        device: Option<String>,
+        #[command(flatten)]
+        output: RunOptions,
     },
     /// Table 2: models out of the box asked to add with a ten-shot prompt,
     /// into RUNS_DIR/<name>/fewshot.csv.
     Fewshot {
         /// A few-shot config, e.g. experiments/cpu/table2.toml.
         config: PathBuf,
-        #[arg(long, default_value = "runs")]
-        runs_dir: PathBuf,
-        /// Record the results here when done (e.g. results/cpu/table2).
-        #[arg(long)]
-        record: Option<PathBuf>,
-        /// Override the config's device (cpu, cuda or cuda:N).
-        #[arg(long)]
-        device: Option<String>,
+        #[command(flatten)]
+        output: RunOptions,
     },
     /// Render tables and figures from the recorded results of a scale:
     /// results/<scale>/ -> results/<scale>/tables/ and figures/<scale>/.
@@ -133,6 +121,30 @@ enum Command {
     },
 }
 
+/// Where `run` and `fewshot` write, and on which device.
+#[derive(clap::Args)]
+struct RunOptions {
+    #[arg(long, default_value = "runs")]
+    runs_dir: PathBuf,
+    /// When done, record the results here (e.g. results/cpu/main).
+    #[arg(long)]
+    record: Option<PathBuf>,
+    /// Override the config's device (cpu, cuda or cuda:N).
+    #[arg(long)]
+    device: Option<String>,
+}
+
+impl RunOptions {
+    /// Records the finished run directory when --record was given.
+    fn record(&self, run_dir: &std::path::Path) -> anyhow::Result<()> {
+        if let Some(dest) = &self.record {
+            let files = record_run(run_dir, dest)?;
+            println!("recorded {} files in {}", files.len(), dest.display());
+        }
+        Ok(())
+    }
+}
+
 pub fn run() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Generate { model, prompt, prompts, max_new_tokens, device } => {
@@ -150,32 +162,25 @@ pub fn run() -> anyhow::Result<()> {
                 println!("{}", escape(&output));
             }
         }
-        Command::Run { config, runs_dir, record, device } => {
+        Command::Run { config, output } => {
             let mut experiment = Experiment::load(&config)?;
-            if let Some(device) = device {
-                experiment.model.device = device;
+            if let Some(device) = &output.device {
+                experiment.model.device = device.clone();
             }
-            let run_dir = runs_dir.join(&experiment.name);
-            let records = crate::sector::run(experiment, &runs_dir, &TrueOracle)?;
+            let run_dir = output.runs_dir.join(&experiment.name);
+            let records = crate::sector::run(experiment, &output.runs_dir, &TrueOracle)?;
             println!("{} stages:", records.len());
             for record in &records {
                 println!("{}", crate::sector::stage_summary(record));
             }
-            if let Some(dest) = record {
-                let files = record_run(&run_dir, &dest)?;
-                println!("recorded {} files in {}", files.len(), dest.display());
-            }
+            output.record(&run_dir)?;
         }
-        Command::Fewshot { config, runs_dir, record, device } => {
+        Command::Fewshot { config, output } => {
             let mut config = FewShotConfig::load(&config)?;
-            if let Some(device) = device {
-                config.device = device;
+            if let Some(device) = &output.device {
+                config.device = device.clone();
             }
-            let run_dir = crate::fewshot::run_into(&config, &runs_dir)?;
-            if let Some(dest) = record {
-                let files = record_run(&run_dir, &dest)?;
-                println!("recorded {} files in {}", files.len(), dest.display());
-            }
+            output.record(&crate::fewshot::run_into(&config, &output.runs_dir)?)?;
         }
         Command::Render { artifacts, scale, root } => {
             let paths = crate::report::Paths::new(&root, &scale);

@@ -7,7 +7,7 @@
 
 use crate::error::{Error, Result};
 use crate::generate::{greedy, GreedyOptions};
-use crate::model::{compute_dtype, select_device, T5Config};
+use crate::model::{select_device, T5Config};
 use crate::task::{add_decimal, random_problem};
 use crate::tokenizer::{decode, encode};
 use crate::weights::Model;
@@ -125,14 +125,8 @@ pub fn run(config: &FewShotConfig) -> Result<Vec<FewShotRecord>> {
     let device = select_device(&config.device)?;
     let mut records = Vec::new();
     for model in &config.models {
-        let loaded = match (&model.preset, &model.weights) {
-            (Some(preset), _) => {
-                let cfg = T5Config::preset(preset).expect("checked when loaded");
-                Model::random(&cfg, config.seed, &device, compute_dtype(&device))?
-            }
-            (None, Some(weights)) => Model::load(weights, &device)?,
-            (None, None) => unreachable!("checked when loaded"),
-        };
+        let preset = model.preset.as_deref().and_then(T5Config::preset);
+        let loaded = Model::from_preset_or_weights(preset.as_ref(), model.weights.as_deref(), config.seed, &device)?;
         for &digits in &config.lengths {
             // The same questions for every model.
             let mut rng = Pcg64::seed_from_u64(config.seed ^ digits as u64);

@@ -20,7 +20,7 @@ use crate::config::{Experiment, LabelMethod, StartSelfTraining};
 use crate::error::{Error, Result};
 use crate::eval::{evaluate, summarize};
 use crate::files::{csv_bytes, read_csv, Manifest};
-use crate::model::{compute_dtype, select_device};
+use crate::model::select_device;
 use crate::task::{sample_unique, Kind, Oracle, Problem};
 use crate::tokenizer::encode;
 use crate::train::{Example, TrainConfig, Trainer};
@@ -312,11 +312,8 @@ impl<'a> Run<'a> {
             return Trainer::load(&self.checkpoint_dir(self.records.len()), &self.device);
         }
         let e = &self.experiment;
-        let model = match (e.model_config(), &e.model.weights) {
-            (Some(cfg), _) => Model::random(&cfg, e.seed, &self.device, compute_dtype(&self.device))?,
-            (None, Some(weights)) => Model::load(weights, &self.device)?,
-            (None, None) => unreachable!("checked when the config was read"),
-        };
+        let model =
+            Model::from_preset_or_weights(e.model_config().as_ref(), e.model.weights.as_deref(), e.seed, &self.device)?;
         let t = &e.train;
         let config = TrainConfig {
             lr: t.lr,
@@ -417,15 +414,15 @@ impl<'a> Run<'a> {
             bar.set_message(format!("{label} epoch {epoch}/{}", t.max_epochs));
             let started = Instant::now();
             let loss = trainer.epoch_with_progress(train, |examples, _| bar.inc(examples as u64))?;
-            if epoch < t.min_epochs {
-                self.log(&format!("{label} epoch {epoch}: loss {loss:.4}, {:.1} s", started.elapsed().as_secs_f64()));
-                continue;
-            }
-            let (fast, slow) = self.gate_accuracy(trainer, gate)?;
+            // The gate is checked from min_epochs on.
+            let gate_rates = if epoch < t.min_epochs { None } else { Some(self.gate_accuracy(trainer, gate)?) };
+            let gate_text =
+                gate_rates.map_or(String::new(), |(fast, slow)| format!(", gate fast {fast:.3} slow {slow:.3}"));
             self.log(&format!(
-                "{label} epoch {epoch}: loss {loss:.4}, gate fast {fast:.3} slow {slow:.3}, {:.1} s",
+                "{label} epoch {epoch}: loss {loss:.4}{gate_text}, {:.1} s",
                 started.elapsed().as_secs_f64()
             ));
+            let Some((fast, slow)) = gate_rates else { continue };
             result = (epoch, fast, slow, fast >= thresholds.0 && slow >= thresholds.1);
             if result.3 {
                 break;
@@ -835,9 +832,6 @@ impl<'a> Run<'a> {
         Ok(rows)
     }
 
-    /// Writes a finished stage: dataset, checkpoint, results CSVs, manifest,
-    /// in that order, so a stage counts as finished only once its row is in
-    /// stages.csv and everything it needs is on disk.
     /// Figures 4 and 9 from the checkpoint of the last stage that passed its
     /// gate (the run's result); done once, after the last stage.
     fn analyse_final_checkpoint(&mut self) -> Result<()> {
@@ -883,6 +877,9 @@ impl<'a> Run<'a> {
         Ok(())
     }
 
+    /// Writes a finished stage: dataset, checkpoint, results CSVs, manifest,
+    /// in that order, so a stage counts as finished only once its row is in
+    /// stages.csv and everything it needs is on disk.
     fn finish_stage(&mut self, trainer: &Trainer, output: StageOutput) -> Result<()> {
         let stage = output.record.stage;
         let data_file = Self::data_file(stage);

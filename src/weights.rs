@@ -53,6 +53,21 @@ impl Model {
         Self::from_tensors(&cfg, tensors, &files.weights, device, crate::model::compute_dtype(device))
     }
 
+    /// What an experiment names: a preset's config (random weights from
+    /// `seed`) or pretrained weights (`load`), in the device's compute dtype.
+    pub fn from_preset_or_weights(
+        preset: Option<&T5Config>,
+        weights: Option<&str>,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
+        match (preset, weights) {
+            (Some(cfg), _) => Self::random(cfg, seed, device, crate::model::compute_dtype(device)),
+            (None, Some(weights)) => Self::load(weights, device),
+            (None, None) => unreachable!("configs are checked for a preset or weights when read"),
+        }
+    }
+
     fn build(cfg: &T5Config, source: Source, device: &Device, dtype: DType) -> Result<Self> {
         let created = Arc::new(Mutex::new(BTreeMap::new()));
         let backend = Backend { source, created: created.clone() };
