@@ -98,7 +98,15 @@ all: $(ARTIFACTS)  ## every table and figure (rendering recorded results: 0.6 s;
 $(RESULTS)/table2/manifest.sha256: | build
 	$(SECTOR) fewshot experiments/$(SCALE)/table2.toml --runs-dir $(RUNS) --device $(DEVICE) --record $(RESULTS)/table2
 
-$(RESULTS)/%/manifest.sha256: | build
+# Pretraining (micro and CPU scale: src/pretrain.rs) comes first; a run that
+# starts from a pretrained checkpoint would also make it itself.
+PRETRAINED := $(patsubst experiments/$(SCALE)/%.toml,$(RESULTS)/%/manifest.sha256,\
+	$(wildcard experiments/$(SCALE)/pretrain*.toml))
+
+$(PRETRAINED): $(RESULTS)/%/manifest.sha256: | build
+	$(SECTOR) pretrain experiments/$(SCALE)/$*.toml --runs-dir $(RUNS) --device $(DEVICE) --record $(RESULTS)/$*
+
+$(RESULTS)/%/manifest.sha256: | build $(PRETRAINED)
 	$(SECTOR) run experiments/$(SCALE)/$*.toml --runs-dir $(RUNS) --device $(DEVICE) --record $(RESULTS)/$*
 
 verify: build  ## recompute every recorded hash; reruns in runs/ are checked against the recorded run manifests

@@ -1,14 +1,25 @@
 //! Analyses of a run's final checkpoint, made once its last stage is done:
-//! accuracy against the carries of a problem (figure 9) and
-//! simplify-then-guess traced step by step on a few problems (figure 4).
-//! Both read the ground truth, for analysis only.
+//! fast accuracy by length (tables 1 and 3), accuracy against the carries of
+//! a problem (figure 9) and simplify-then-guess traced step by step on a few
+//! problems (figure 4). All read the ground truth, for analysis only.
 
 use crate::answer::{majority_vote, Solver};
 use crate::eval::evaluate;
-use crate::task::{Oracle, Problem};
+use crate::task::{parse_fast, Kind, Oracle, Problem};
 use serde::{Deserialize, Serialize};
 
+pub const FINAL_CSV: &str = "final.csv";
 pub const CARRIES_CSV: &str = "carries.csv";
+
+/// One row of final.csv: the final checkpoint's fast accuracy on one length.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FinalRecord {
+    /// The stage whose checkpoint answered.
+    pub stage: usize,
+    pub length: usize,
+    pub problems: usize,
+    pub fast: f64,
+}
 pub const VOTES_CSV: &str = "votes.csv";
 
 /// One row of carries.csv: a problem put to the final checkpoint.
@@ -45,6 +56,26 @@ pub struct VoteRecord {
     /// The majority vote over all candidates of the example, and the true sum.
     pub vote: String,
     pub truth: String,
+}
+
+/// Fast accuracy per length of `problems` (grouped by their digits).
+pub fn final_accuracy(
+    solver: &Solver,
+    problems: &[Problem],
+    oracle: &dyn Oracle,
+    stage: usize,
+) -> candle_core::Result<Vec<FinalRecord>> {
+    let answers = solver.ask(problems, Kind::Fast)?;
+    let mut by_length: std::collections::BTreeMap<usize, (usize, usize)> = Default::default();
+    for (p, answer) in problems.iter().zip(&answers) {
+        let (hits, total) = by_length.entry(p.digits()).or_default();
+        *hits += usize::from(parse_fast(answer) == Some(oracle.sum(p)));
+        *total += 1;
+    }
+    Ok(by_length
+        .into_iter()
+        .map(|(length, (hits, total))| FinalRecord { stage, length, problems: total, fast: hits as f64 / total as f64 })
+        .collect())
 }
 
 /// Fast and chain-of-thought correctness of each problem, with its carries.

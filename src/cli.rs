@@ -7,6 +7,7 @@ use crate::fewshot::FewShotConfig;
 use crate::files::{csv_bytes, record_run, write_atomic, Manifest};
 use crate::generate::greedy_text;
 use crate::model::select_device;
+use crate::pretrain::PretrainConfig;
 use crate::task::{SlowFormat, TrueOracle};
 use crate::weights::Model;
 use anyhow::Context;
@@ -47,6 +48,15 @@ enum Command {
     /// finished stage.
     Run {
         /// An experiment config, e.g. experiments/micro/main.toml.
+        config: PathBuf,
+        #[command(flatten)]
+        output: RunOptions,
+    },
+    /// CPU scale: string skills (copy, last digits, drop last digits) on
+    /// random numbers, standing in for ByT5's pretraining; the checkpoint
+    /// lands in RUNS_DIR/<name>/checkpoint.
+    Pretrain {
+        /// A pretraining config, e.g. experiments/cpu/pretrain.toml.
         config: PathBuf,
         #[command(flatten)]
         output: RunOptions,
@@ -174,6 +184,13 @@ pub fn run() -> anyhow::Result<()> {
                 println!("{}", crate::sector::stage_summary(record));
             }
             output.record(&run_dir)?;
+        }
+        Command::Pretrain { config, output } => {
+            let mut config = PretrainConfig::load(&config)?;
+            if let Some(device) = &output.device {
+                config.model.device = device.clone();
+            }
+            output.record(&crate::pretrain::run_into(&config, &output.runs_dir)?)?;
         }
         Command::Fewshot { config, output } => {
             let mut config = FewShotConfig::load(&config)?;

@@ -35,14 +35,18 @@ pub struct Experiment {
     pub eval: EvalSettings,
 }
 
-/// Which model, on which device. `preset` builds a randomly initialised
-/// model (shape fields override the preset); `weights` loads pretrained
-/// ones (a directory or a hub id such as google/byt5-base).
+/// Which model, on which device: exactly one of `preset` (a randomly
+/// initialised model; shape fields override the preset), `weights`
+/// (pretrained ones: a directory or a hub id such as google/byt5-base) and
+/// `pretrain` (a pretraining config such as experiments/cpu/pretrain.toml,
+/// whose checkpoint the run makes first if it is missing).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSettings {
     pub preset: Option<String>,
     pub weights: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pretrain: Option<String>,
     /// cpu, cuda or cuda:N.
     pub device: String,
     pub d_model: Option<usize>,
@@ -62,6 +66,7 @@ impl Default for ModelSettings {
         ModelSettings {
             preset: None,
             weights: Some("google/byt5-base".into()),
+            pretrain: None,
             device: "cuda".into(),
             d_model: None,
             d_ff: None,
@@ -77,12 +82,69 @@ impl Default for ModelSettings {
     }
 }
 
+impl ModelSettings {
+    /// Checks that exactly one of preset, weights and pretrain is given,
+    /// that the preset exists, and that shape fields come only with a preset.
+    pub fn check(&self, path: &Path) -> Result<()> {
+        let bad = |field: &str, problem: String| {
+            Err(Error::Config { path: path.to_path_buf(), field: field.into(), problem })
+        };
+        let given = [self.preset.is_some(), self.weights.is_some(), self.pretrain.is_some()];
+        if given.iter().filter(|&&g| g).count() != 1 {
+            return bad(
+                "model.preset",
+                "model.weights and model.pretrain: give exactly one (a preset for random weights, pretrained \
+                 weights, or a pretraining config)"
+                    .into(),
+            );
+        }
+        match &self.preset {
+            Some(preset) if T5Config::preset(preset).is_none() => bad(
+                "model.preset",
+                format!("is {preset:?}; use byt5-small, byt5-base, cpu-tiny, cpu-small or cpu-medium"),
+            ),
+            None if self.shape_overrides() => {
+                bad("model", "shape fields only apply to a preset, not to pretrained weights".into())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn shape_overrides(&self) -> bool {
+        [self.d_model, self.d_ff, self.num_heads, self.d_kv, self.num_layers, self.num_decoder_layers]
+            .iter()
+            .chain([&self.relative_attention_num_buckets, &self.relative_attention_max_distance])
+            .any(Option::is_some)
+            || self.dropout_rate.is_some()
+            || self.initializer_factor.is_some()
+    }
+
+    /// The preset's model config with the shape overrides (None for pretrained weights).
+    pub fn preset_config(&self) -> Option<T5Config> {
+        let mut cfg = T5Config::preset(self.preset.as_deref()?)?;
+        let set = |field: &mut usize, value: Option<usize>| *field = value.unwrap_or(*field);
+        set(&mut cfg.d_model, self.d_model);
+        set(&mut cfg.d_ff, self.d_ff);
+        set(&mut cfg.num_heads, self.num_heads);
+        set(&mut cfg.d_kv, self.d_kv);
+        set(&mut cfg.num_layers, self.num_layers);
+        set(&mut cfg.relative_attention_num_buckets, self.relative_attention_num_buckets);
+        set(&mut cfg.relative_attention_max_distance, self.relative_attention_max_distance);
+        cfg.num_decoder_layers = self.num_decoder_layers.or(cfg.num_decoder_layers);
+        cfg.dropout_rate = self.dropout_rate.unwrap_or(cfg.dropout_rate);
+        cfg.initializer_factor = self.initializer_factor.unwrap_or(cfg.initializer_factor);
+        Some(cfg)
+    }
+}
+
 /// Optimisation (PROTOCOL.md section 5; the paper's appendix C).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainSettings {
     /// Adam's constant learning rate.
     pub lr: f64,
+    /// Steps of linear warm-up to `lr` at the start of a run (0: none, the paper's).
+    pub warmup_steps: u64,
     /// Examples per optimiser step (paper: 1024 for 582M, 2048 for 300M).
     pub batch_size: usize,
     /// Padded tokens per forward/backward pass (gradient accumulation).
@@ -100,6 +162,7 @@ impl Default for TrainSettings {
     fn default() -> Self {
         TrainSettings {
             lr: 1e-4,
+            warmup_steps: 0,
             batch_size: 1024,
             max_tokens_per_micro_batch: 65536,
             dropout: false,
@@ -223,9 +286,12 @@ impl Default for SelfTrainingSettings {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EvalSettings {
-    /// Evaluate lengths 1..N + lengths_beyond after stage N.
+    /// Evaluate lengths 1..N + lengths_beyond after stage N (figures 6-8).
     pub lengths_beyond: usize,
     pub problems_per_length: usize,
+    /// Tables 1 and 3: the final checkpoint's fast accuracy on lengths
+    /// 1..final digits + lengths_beyond, this many problems each.
+    pub final_problems_per_length: usize,
     /// Rows per greedy decoding call (generation and evaluation).
     pub decode_batch: usize,
     /// Figure 9: problems of (final digits + carry_digits_beyond) digits put
@@ -241,6 +307,7 @@ impl Default for EvalSettings {
         EvalSettings {
             lengths_beyond: 8,
             problems_per_length: 100,
+            final_problems_per_length: 100,
             decode_batch: 256,
             carry_problems: 1000,
             carry_digits_beyond: 2,
@@ -287,24 +354,7 @@ impl Experiment {
         if !["micro", "cpu", "paper"].contains(&self.scale.as_str()) {
             return bad("scale", format!("is {:?}; use \"micro\", \"cpu\" or \"paper\"", self.scale));
         }
-        match (&self.model.preset, &self.model.weights) {
-            (Some(_), Some(_)) | (None, None) => {
-                return bad(
-                    "model.preset",
-                    "and model.weights: give exactly one (a preset for random weights, or pretrained weights)".into(),
-                )
-            }
-            (Some(preset), None) if T5Config::preset(preset).is_none() => {
-                return bad(
-                    "model.preset",
-                    format!("is {preset:?}; use byt5-small, byt5-base, cpu-tiny, cpu-small or cpu-medium"),
-                )
-            }
-            _ => {}
-        }
-        if self.model.weights.is_some() && self.shape_overrides() {
-            return bad("model", "shape fields only apply to a preset, not to pretrained weights".into());
-        }
+        self.model.check(path)?;
         if self.train.batch_size == 0 || self.train.max_epochs == 0 || self.train.min_epochs > self.train.max_epochs {
             return bad("train", "needs batch_size > 0 and 1 <= min_epochs <= max_epochs".into());
         }
@@ -335,32 +385,9 @@ impl Experiment {
         Ok(())
     }
 
-    fn shape_overrides(&self) -> bool {
-        let m = &self.model;
-        [m.d_model, m.d_ff, m.num_heads, m.d_kv, m.num_layers, m.num_decoder_layers]
-            .iter()
-            .chain([&m.relative_attention_num_buckets, &m.relative_attention_max_distance])
-            .any(Option::is_some)
-            || m.dropout_rate.is_some()
-            || m.initializer_factor.is_some()
-    }
-
     /// The model config of a preset run, with this experiment's overrides.
     pub fn model_config(&self) -> Option<T5Config> {
-        let m = &self.model;
-        let mut cfg = T5Config::preset(m.preset.as_deref()?)?;
-        let set = |field: &mut usize, value: Option<usize>| *field = value.unwrap_or(*field);
-        set(&mut cfg.d_model, m.d_model);
-        set(&mut cfg.d_ff, m.d_ff);
-        set(&mut cfg.num_heads, m.num_heads);
-        set(&mut cfg.d_kv, m.d_kv);
-        set(&mut cfg.num_layers, m.num_layers);
-        set(&mut cfg.relative_attention_num_buckets, m.relative_attention_num_buckets);
-        set(&mut cfg.relative_attention_max_distance, m.relative_attention_max_distance);
-        cfg.num_decoder_layers = m.num_decoder_layers.or(cfg.num_decoder_layers);
-        cfg.dropout_rate = m.dropout_rate.unwrap_or(cfg.dropout_rate);
-        cfg.initializer_factor = m.initializer_factor.unwrap_or(cfg.initializer_factor);
-        Some(cfg)
+        self.model.preset_config()
     }
 
     /// `count` scaled by the data-size factor, at least 1.

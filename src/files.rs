@@ -12,6 +12,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 pub const MANIFEST: &str = "manifest.sha256";
+/// The config a run directory was made by.
+pub const CONFIG_FILE: &str = "config.toml";
+const LOG_FILE: &str = "run.log";
 
 /// Writes `bytes` to a temporary file beside `path`, syncs it, then renames
 /// it over `path`.
@@ -51,6 +54,16 @@ impl Manifest {
     pub fn write_file(&mut self, dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
         write_atomic(&dir.join(name), bytes)?;
         self.entries.insert(name.to_string(), sha256_hex(bytes));
+        Ok(())
+    }
+
+    /// Lists the files of the checkpoint `dir/sub` (and its own manifest) under `sub/`.
+    pub fn add_checkpoint(&mut self, dir: &Path, sub: &str) -> Result<()> {
+        let checkpoint = dir.join(sub);
+        for (name, hash) in Manifest::load(&checkpoint)?.entries {
+            self.entries.insert(format!("{sub}/{name}"), hash);
+        }
+        self.entries.insert(format!("{sub}/{MANIFEST}"), sha256_file(&checkpoint.join(MANIFEST))?);
         Ok(())
     }
 
@@ -114,6 +127,43 @@ impl Manifest {
             return Err(Error::HashMismatch { path, manifest: dir.join(MANIFEST), expected: expected.clone(), actual });
         }
         Ok(())
+    }
+}
+
+/// Creates (or reopens) a run directory made by the config whose canonical
+/// text is `canonical`, refusing one made by another config, and stores the
+/// config as config.toml. Returns the directory's manifest.
+pub fn open_run_dir(dir: &Path, name: &str, canonical: &str) -> Result<Manifest> {
+    let config_path = dir.join(CONFIG_FILE);
+    if config_path.exists() {
+        let stored = String::from_utf8_lossy(&read(&config_path)?).into_owned();
+        if stored != canonical {
+            return Err(Error::format(
+                dir,
+                format!(
+                    "was made by another config than `{name}`. Fix: give the config another name, or move the \
+                     directory away to start afresh (compare {} with the config file)",
+                    config_path.display()
+                ),
+            ));
+        }
+    }
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let mut manifest = if dir.join(MANIFEST).exists() { Manifest::load(dir)? } else { Manifest::default() };
+    manifest.write_file(dir, CONFIG_FILE, canonical.as_bytes())?;
+    Ok(manifest)
+}
+
+/// Appends a line to the run's log (and prints it, labelled with the run's name).
+pub fn append_log(dir: &Path, name: &str, line: &str) {
+    eprintln!("[{name}] {line}");
+    let appended = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(LOG_FILE))
+        .and_then(|mut f| writeln!(f, "{line}"));
+    if let Err(e) = appended {
+        eprintln!("warning: cannot append to {}: {e}", dir.join(LOG_FILE).display());
     }
 }
 

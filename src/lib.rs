@@ -12,6 +12,7 @@
 //! - `answer`: fast, slow, chain, simplify-only and simplify-then-guess, batched;
 //! - `eval`: accuracy by length, and `sector eval` on any problem set;
 //! - `config`: experiment configs (TOML);
+//! - `pretrain`: CPU scale's stand-in for ByT5's pretraining (string skills);
 //! - `sector`: the SECToR loop, its run directory and resume;
 //! - `analysis`: carries and traced votes of a run's final checkpoint;
 //! - `fewshot`: Table 2, models out of the box with a ten-shot prompt;
@@ -33,6 +34,7 @@ pub mod files;
 pub mod generate;
 pub mod kernels;
 pub mod model;
+pub mod pretrain;
 pub mod report;
 pub mod sector;
 pub mod task;

@@ -10,7 +10,7 @@
 //! Rendering reads only the recorded CSVs (with polars), so every table and
 //! figure is remade in seconds without a model.
 
-use crate::analysis::{CARRIES_CSV, VOTES_CSV};
+use crate::analysis::{CARRIES_CSV, FINAL_CSV, VOTES_CSV};
 use crate::error::{Error, Result};
 use crate::fewshot::FEWSHOT_CSV;
 use crate::figures::{palette, Bar, Bars, Curve, Figure, Grid, GridRow, Lines, Panel, TextPage};
@@ -99,6 +99,8 @@ pub fn artifact(name: &str) -> Result<&'static Artifact> {
 
 /// Where a scale's results, tables and figures live.
 pub struct Paths {
+    /// The repository root (experiments/ is read from here).
+    pub root: PathBuf,
     pub scale: String,
     pub results: PathBuf,
     pub figures: PathBuf,
@@ -107,6 +109,7 @@ pub struct Paths {
 impl Paths {
     pub fn new(root: &Path, scale: &str) -> Self {
         Paths {
+            root: root.to_path_buf(),
             scale: scale.to_string(),
             results: root.join("results").join(scale),
             figures: root.join("figures").join(scale),
@@ -361,9 +364,12 @@ fn final_accuracy_table(paths: &Paths, artifact: &Artifact) -> Result<Vec<PathBu
         "table1" => ("582M", "supervised 1..6, self-taught to 28"),
         _ => ("300M", "supervised 1..8, self-taught to 24"),
     };
-    let rows = read_accuracy(&dir, last)?
-        .into_iter()
-        .map(|(length, problems, fast, _, _)| {
+    let path = dir.join(FINAL_CSV);
+    let f = Frame::read(&path)?;
+    let (lengths, problems, fast) = (f.usizes("length")?, f.usizes("problems")?, f.f64s("fast")?);
+    let rows = (0..lengths.len())
+        .map(|i| (lengths[i], problems[i], fast[i].unwrap_or(0.0)))
+        .map(|(length, problems, fast)| {
             vec![
                 length.to_string(),
                 problems.to_string(),
@@ -474,8 +480,12 @@ fn emergence_table(paths: &Paths, artifact: &Artifact) -> Result<Vec<PathBuf>> {
     for experiment in artifact.experiments {
         let dir = paths.experiment(experiment);
         let config = crate::config::Experiment::load(&dir.join(crate::sector::CONFIG_FILE))?;
-        let size = config
-            .model_config()
+        // A pretraining config is read from the repository, where the run found it.
+        let model_config = match &config.model.pretrain {
+            Some(pretrain) => crate::pretrain::PretrainConfig::load(&paths.root.join(pretrain))?.model.preset_config(),
+            None => config.model_config(),
+        };
+        let size = model_config
             .map(|c| format!("{:.2}M", c.num_params() as f64 / 1e6))
             .or(config.model.weights.clone())
             .unwrap_or_default();

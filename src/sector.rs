@@ -14,7 +14,7 @@
 //! inside the supervised range, and for audits and evaluation, which are
 //! recorded but never feed training or a gate of self-training.
 
-use crate::analysis::{self, CARRIES_CSV, VOTES_CSV};
+use crate::analysis::{self, CARRIES_CSV, FINAL_CSV, VOTES_CSV};
 use crate::answer::{majority_vote, Solver, Trace};
 use crate::config::{Experiment, LabelMethod, StartSelfTraining};
 use crate::error::{Error, Result};
@@ -31,15 +31,13 @@ use rand::seq::SliceRandom;
 use rand_pcg::Pcg64;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 pub const STAGES_CSV: &str = "stages.csv";
 pub const ACCURACY_CSV: &str = "accuracy.csv";
 pub const GENERATION_CSV: &str = "generation.csv";
-pub const CONFIG_FILE: &str = "config.toml";
-const LOG_FILE: &str = "run.log";
+pub use crate::files::CONFIG_FILE;
 
 /// Data sizes of PROTOCOL.md section 5, per stage, before `data_scale`.
 const SLOW_NEW: usize = 10_000;
@@ -58,6 +56,7 @@ mod streams {
     pub const EVAL: u128 = 5;
     pub const CARRIES: u128 = 6;
     pub const VOTES: u128 = 7;
+    pub const FINAL: u128 = 8;
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -204,6 +203,7 @@ struct GateExample {
 pub struct Run<'a> {
     pub experiment: Experiment,
     pub dir: PathBuf,
+    runs_root: PathBuf,
     oracle: &'a dyn Oracle,
     device: Device,
     records: Vec<StageRecord>,
@@ -263,26 +263,8 @@ impl<'a> Run<'a> {
     /// Opens (or creates) the run directory, refusing one made by another config.
     pub fn open(experiment: Experiment, runs_root: &Path, oracle: &'a dyn Oracle) -> Result<Self> {
         let dir = runs_root.join(&experiment.name);
-        let config_path = dir.join(CONFIG_FILE);
-        let canonical = experiment.to_toml();
-        if config_path.exists() {
-            let stored = String::from_utf8_lossy(&crate::files::read(&config_path)?).into_owned();
-            if stored != canonical {
-                return Err(Error::format(
-                    &dir,
-                    format!(
-                        "was made by another config than experiment `{}`. Fix: give the experiment another name, \
-                         or move the directory away to start afresh (compare {} with the experiment file)",
-                        experiment.name,
-                        config_path.display()
-                    ),
-                ));
-            }
-        }
+        let manifest = crate::files::open_run_dir(&dir, &experiment.name, &experiment.to_toml())?;
         std::fs::create_dir_all(dir.join("data")).map_err(|e| Error::io(&dir, e))?;
-        let mut manifest =
-            if dir.join(crate::files::MANIFEST).exists() { Manifest::load(&dir)? } else { Manifest::default() };
-        manifest.write_file(&dir, CONFIG_FILE, canonical.as_bytes())?;
         let records: Vec<StageRecord> = read_csv(&dir.join(STAGES_CSV))?;
         let finished = records.len();
         // Rows of a stage that was cut short are dropped; the stage runs again.
@@ -291,7 +273,8 @@ impl<'a> Run<'a> {
         let mut generation: Vec<GenerationRecord> = read_csv(&dir.join(GENERATION_CSV))?;
         generation.retain(|r| r.stage <= finished);
         let device = select_device(&experiment.model.device)?;
-        let run = Run { experiment, dir, oracle, device, records, accuracy, generation, manifest };
+        let runs_root = runs_root.to_path_buf();
+        let run = Run { experiment, dir, runs_root, oracle, device, records, accuracy, generation, manifest };
         if finished > 0 {
             run.log(&format!("resuming after stage {finished}"));
         }
@@ -312,8 +295,22 @@ impl<'a> Run<'a> {
             return Trainer::load(&self.checkpoint_dir(self.records.len()), &self.device);
         }
         let e = &self.experiment;
-        let model =
-            Model::from_preset_or_weights(e.model_config().as_ref(), e.model.weights.as_deref(), e.seed, &self.device)?;
+        let model = match &e.model.pretrain {
+            Some(config) => {
+                let mut config = crate::pretrain::PretrainConfig::load(Path::new(config))?;
+                config.model.device = e.model.device.clone();
+                let checkpoint =
+                    crate::pretrain::run_into(&config, &self.runs_root)?.join(crate::pretrain::CHECKPOINT_DIR);
+                self.log(&format!("starting from the pretrained checkpoint {}", checkpoint.display()));
+                Model::load(&checkpoint.display().to_string(), &self.device)?
+            }
+            None => Model::from_preset_or_weights(
+                e.model_config().as_ref(),
+                e.model.weights.as_deref(),
+                e.seed,
+                &self.device,
+            )?,
+        };
         let t = &e.train;
         let config = TrainConfig {
             lr: t.lr,
@@ -321,6 +318,7 @@ impl<'a> Run<'a> {
             max_tokens_per_micro_batch: t.max_tokens_per_micro_batch,
             dropout: t.dropout,
             seed: e.seed,
+            warmup_steps: t.warmup_steps,
         };
         Trainer::new(model, config)
     }
@@ -343,15 +341,7 @@ impl<'a> Run<'a> {
     }
 
     fn log(&self, line: &str) {
-        eprintln!("[{}] {line}", self.experiment.name);
-        let appended = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join(LOG_FILE))
-            .and_then(|mut f| writeln!(f, "{line}"));
-        if let Err(e) = appended {
-            eprintln!("warning: cannot append to {}: {e}", self.dir.join(LOG_FILE).display());
-        }
+        crate::files::append_log(&self.dir, &self.experiment.name, line);
     }
 
     /// The digits of the last supervised stage: ground truth is used up to here.
@@ -835,7 +825,7 @@ impl<'a> Run<'a> {
     /// Figures 4 and 9 from the checkpoint of the last stage that passed its
     /// gate (the run's result); done once, after the last stage.
     fn analyse_final_checkpoint(&mut self) -> Result<()> {
-        if self.manifest.entries.contains_key(CARRIES_CSV) && self.manifest.entries.contains_key(VOTES_CSV) {
+        if [FINAL_CSV, CARRIES_CSV, VOTES_CSV].iter().all(|name| self.manifest.entries.contains_key(*name)) {
             return Ok(());
         }
         let Some(last) = self.records.iter().rev().find(|r| r.passed).cloned() else {
@@ -845,6 +835,12 @@ impl<'a> Run<'a> {
         let e = &self.experiment.eval;
         let trainer = Trainer::load(&self.checkpoint_dir(last.stage), &self.device)?;
         let solver = self.solver(&trainer, &format!("analysing stage {}", last.stage));
+        let mut problems = Vec::new();
+        for length in 1..=last.digits + e.lengths_beyond {
+            let mut rng = self.rng(length, streams::FINAL);
+            problems.extend(sample_unique(&mut rng, length, e.final_problems_per_length, &HashSet::new()));
+        }
+        let accuracy = analysis::final_accuracy(&solver, &problems, self.oracle, last.stage)?;
         let digits = last.digits + e.carry_digits_beyond;
         let problems =
             sample_unique(&mut self.rng(digits, streams::CARRIES), digits, e.carry_problems, &HashSet::new());
@@ -861,10 +857,13 @@ impl<'a> Run<'a> {
         .collect();
         let votes = analysis::votes(&solver, &examples, self.experiment.self_training.k, self.oracle)?;
         drop(solver);
-        let carries_bytes = csv_bytes(&carries, &self.dir.join(CARRIES_CSV))?;
-        let votes_bytes = csv_bytes(&votes, &self.dir.join(VOTES_CSV))?;
-        self.manifest.write_file(&self.dir, CARRIES_CSV, &carries_bytes)?;
-        self.manifest.write_file(&self.dir, VOTES_CSV, &votes_bytes)?;
+        for (name, bytes) in [
+            (FINAL_CSV, csv_bytes(&accuracy, &self.dir.join(FINAL_CSV))?),
+            (CARRIES_CSV, csv_bytes(&carries, &self.dir.join(CARRIES_CSV))?),
+            (VOTES_CSV, csv_bytes(&votes, &self.dir.join(VOTES_CSV))?),
+        ] {
+            self.manifest.write_file(&self.dir, name, &bytes)?;
+        }
         self.manifest.save(&self.dir)?;
         let fast = carries.iter().filter(|r| r.fast_correct).count();
         self.log(&format!(
@@ -888,13 +887,7 @@ impl<'a> Run<'a> {
         let checkpoint = self.checkpoint_dir(stage);
         trainer.save(&checkpoint)?;
         let prefix = checkpoint.strip_prefix(&self.dir).expect("inside the run").display().to_string();
-        for (name, hash) in Manifest::load(&checkpoint)?.entries {
-            self.manifest.entries.insert(format!("{prefix}/{name}"), hash);
-        }
-        let checkpoint_manifest = checkpoint.join(crate::files::MANIFEST);
-        self.manifest
-            .entries
-            .insert(format!("{prefix}/{}", crate::files::MANIFEST), crate::files::sha256_file(&checkpoint_manifest)?);
+        self.manifest.add_checkpoint(&self.dir, &prefix)?;
         self.accuracy.extend(output.accuracy);
         self.generation.extend(output.generation);
         self.log(&stage_summary(&output.record));

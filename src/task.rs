@@ -312,7 +312,7 @@ pub fn count_problems(digits: usize) -> f64 {
     2.0 * operands * operands
 }
 
-fn random_operand(rng: &mut Pcg64, digits: usize) -> String {
+pub fn random_operand(rng: &mut Pcg64, digits: usize) -> String {
     if digits == 1 {
         return char::from(b'0' + rng.random_range(0..10u8)).to_string();
     }

@@ -38,18 +38,31 @@ pub struct TrainConfig {
     pub dropout: bool,
     /// Seeds the data order and the dropout masks.
     pub seed: u64,
+    /// Optimiser steps over which the learning rate rises linearly from
+    /// lr / warmup_steps to lr (0: constant from the start, the paper's).
+    #[serde(default)]
+    pub warmup_steps: u64,
 }
 
 impl Default for TrainConfig {
     fn default() -> Self {
-        TrainConfig { lr: 1e-4, batch_size: 1024, max_tokens_per_micro_batch: 65536, dropout: false, seed: 0 }
+        TrainConfig {
+            lr: 1e-4,
+            batch_size: 1024,
+            max_tokens_per_micro_batch: 65536,
+            dropout: false,
+            seed: 0,
+            warmup_steps: 0,
+        }
     }
 }
 
-/// Adam (Kingma & Ba) with a constant learning rate, as torch.optim.Adam
-/// computes it. Moments, and for bf16 weights a master copy, are kept in f32.
+/// Adam (Kingma & Ba) as torch.optim.Adam computes it, with a constant
+/// learning rate after an optional linear warm-up. Moments, and for bf16
+/// weights a master copy, are kept in f32.
 pub struct Adam {
     pub lr: f64,
+    pub warmup_steps: u64,
     pub beta1: f64,
     pub beta2: f64,
     pub eps: f64,
@@ -60,7 +73,7 @@ pub struct Adam {
 }
 
 impl Adam {
-    pub fn new(vars: &BTreeMap<String, Var>, lr: f64) -> Result<Self> {
+    pub fn new(vars: &BTreeMap<String, Var>, lr: f64, warmup_steps: u64) -> Result<Self> {
         let state = vars
             .iter()
             .map(|(name, var)| {
@@ -72,7 +85,7 @@ impl Adam {
                 Ok((name.clone(), (zeros.clone(), zeros, master)))
             })
             .collect::<Result<_>>()?;
-        Ok(Adam { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, steps: 0, state })
+        Ok(Adam { lr, warmup_steps, beta1: 0.9, beta2: 0.999, eps: 1e-8, steps: 0, state })
     }
 
     /// One update of every parameter that has a gradient.
@@ -80,6 +93,7 @@ impl Adam {
         self.steps += 1;
         let bias1 = 1.0 - self.beta1.powi(self.steps as i32);
         let bias2 = 1.0 - self.beta2.powi(self.steps as i32);
+        let lr = self.lr * (self.steps as f64 / self.warmup_steps.max(1) as f64).min(1.0);
         for (name, var) in vars {
             let (Some(grad), Some((m, v, master))) = (grads.get(name), self.state.get_mut(name)) else {
                 continue;
@@ -88,7 +102,7 @@ impl Adam {
             *m = ((&*m * self.beta1)? + (&grad * (1.0 - self.beta1))?)?;
             *v = ((&*v * self.beta2)? + (grad.sqr()? * (1.0 - self.beta2))?)?;
             let denom = ((&*v / bias2)?.sqrt()? + self.eps)?;
-            let update = ((&*m * (self.lr / bias1))? / denom)?;
+            let update = ((&*m * (lr / bias1))? / denom)?;
             match master {
                 Some(master) => {
                     *master = (&*master - update)?;
@@ -145,7 +159,7 @@ pub struct Trainer {
 
 impl Trainer {
     pub fn new(model: Model, config: TrainConfig) -> Result<Self> {
-        let adam = Adam::new(&model.vars, config.lr)?;
+        let adam = Adam::new(&model.vars, config.lr, config.warmup_steps)?;
         // Two streams from one seed: data order, and dropout masks.
         let data_rng = Pcg64::new(config.seed as u128, 0xda7a);
         let dropout_rng = Pcg64::new(config.seed as u128, 0xd209);
@@ -316,7 +330,7 @@ mod tests {
         let var = Var::from_tensor(&Tensor::new(&[1f32], &Device::Cpu)?.to_dtype(DType::BF16)?)?;
         let vars = BTreeMap::from([("w".to_string(), var.clone())]);
         let grads = BTreeMap::from([("w".to_string(), Tensor::new(&[1f32], &Device::Cpu)?.to_dtype(DType::BF16)?)]);
-        let mut adam = Adam::new(&vars, 1e-3)?;
+        let mut adam = Adam::new(&vars, 1e-3, 0)?;
         for _ in 0..10 {
             adam.step(&vars, &grads)?;
         }
@@ -333,5 +347,24 @@ mod tests {
         let examples = [(vec![5; 50], vec![6; 50])];
         let refs: Vec<&Example> = examples.iter().collect();
         assert_eq!(micro_batches(&refs, 10), vec![vec![0]]);
+    }
+
+    #[test]
+    fn warm_up_scales_the_first_updates_linearly() -> Result<()> {
+        // Adam's first updates have size lr whatever the gradient's size, so
+        // with warm-up over 4 steps a constant gradient moves the weight by
+        // lr/4, 2lr/4, 3lr/4, lr, lr.
+        let var = Var::new(&[0f32], &Device::Cpu)?;
+        let vars = BTreeMap::from([("w".to_string(), var.clone())]);
+        let grads = BTreeMap::from([("w".to_string(), Tensor::new(&[0.5f32], &Device::Cpu)?)]);
+        let mut adam = Adam::new(&vars, 1e-2, 4)?;
+        let mut before = 0f32;
+        for expected in [0.25, 0.5, 0.75, 1.0, 1.0] {
+            adam.step(&vars, &grads)?;
+            let now = var.as_tensor().to_vec1::<f32>()?[0];
+            assert!(((before - now) / 1e-2 - expected).abs() < 1e-4, "moved {} not {expected} lr", before - now);
+            before = now;
+        }
+        Ok(())
     }
 }

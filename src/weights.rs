@@ -46,8 +46,18 @@ impl Model {
     /// Loads a directory with config.json and weights, or a hub id such as
     /// google/byt5-small from the Hugging Face cache (downloading it when the
     /// hub can be reached), in the device's compute dtype.
+    /// A directory with a manifest.sha256 (a checkpoint of ours) is checked
+    /// against it first.
     pub fn load(spec: &str, device: &Device) -> Result<Self> {
         let files = resolve(spec)?;
+        let dir = Path::new(spec);
+        if dir.join(crate::files::MANIFEST).is_file() {
+            let manifest = Manifest::load(dir)?;
+            for file in [&files.config, &files.weights] {
+                let name = file.file_name().expect("a file").to_string_lossy();
+                manifest.verify_bytes(dir, &name, &crate::files::read(file)?)?;
+            }
+        }
         let cfg = read_config(&files.config)?;
         let tensors = read_tensors(&files.weights)?;
         Self::from_tensors(&cfg, tensors, &files.weights, device, crate::model::compute_dtype(device))

@@ -84,7 +84,7 @@ fn verify_passes_on_the_recorded_results_and_names_a_tampered_file() {
         .map(|e| e.unwrap().path())
         .filter(|p| p.join("manifest.sha256").exists())
         .collect();
-    assert_eq!(recorded.len(), 8, "the eight micro experiments are recorded: {recorded:?}");
+    assert_eq!(recorded.len(), 9, "the eight micro experiments and the pretraining are recorded: {recorded:?}");
     let mut args = vec!["verify"];
     args.extend(recorded.iter().map(|p| p.to_str().unwrap()));
     let out = sector(&args);

@@ -16,7 +16,7 @@ fn tiny_trainer(seed: u64, lr: f64, batch_size: usize, dropout: bool) -> Trainer
     let mut cfg = T5Config::preset("cpu-tiny").unwrap();
     cfg.dropout_rate = 0.1;
     let model = Model::random(&cfg, seed, &Device::Cpu, DType::F32).unwrap();
-    let config = TrainConfig { lr, batch_size, max_tokens_per_micro_batch: 256, dropout, seed };
+    let config = TrainConfig { lr, batch_size, max_tokens_per_micro_batch: 256, dropout, seed, warmup_steps: 0 };
     Trainer::new(model, config).unwrap()
 }
 
@@ -129,7 +129,14 @@ fn bf16_training_lowers_the_loss() {
     // The paper-scale path (bf16 weights, f32 Adam state), run on the CPU.
     let cfg = T5Config::preset("cpu-tiny").unwrap();
     let model = Model::random(&cfg, 1, &Device::Cpu, DType::BF16).unwrap();
-    let config = TrainConfig { lr: 1e-3, batch_size: 32, max_tokens_per_micro_batch: 256, dropout: false, seed: 1 };
+    let config = TrainConfig {
+        lr: 1e-3,
+        batch_size: 32,
+        max_tokens_per_micro_batch: 256,
+        dropout: false,
+        seed: 1,
+        warmup_steps: 0,
+    };
     let mut trainer = Trainer::new(model, config).unwrap();
     let data = copy_examples(128, 3);
     let first = trainer.epoch(&data).unwrap();
