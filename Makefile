@@ -4,6 +4,7 @@
 #   make table1 ... all  the paper's artifacts (SCALE=micro|cpu|paper), see `make help`
 #   make verify          recompute the hashes of the recorded results (and of runs/)
 #   make bench           training and decoding throughput on this machine
+#   make check-cuda      compile the paper-scale CUDA and NCCL builds (no GPU needed)
 
 CARGO ?= cargo
 SECTOR := target/release/sector
@@ -12,6 +13,8 @@ FEATURES ?=
 FEATURE_FLAGS := $(if $(FEATURES),--features $(FEATURES),)
 
 RUNS ?= runs
+# Data-parallel over this many GPUs (paper scale, a build with FEATURES=nccl).
+GPUS ?= 1
 
 # Which scale the artifact targets use: micro (machinery check, minutes),
 # cpu (this machine's reference results) or paper (CUDA; DEVICE=cuda).
@@ -19,7 +22,7 @@ SCALE ?= cpu
 DEVICE ?= $(if $(filter paper,$(SCALE)),cuda,cpu)
 RESULTS := results/$(SCALE)
 
-.PHONY: help build test lint bench bench-peer demo run all verify
+.PHONY: help build test lint bench bench-peer demo run all verify check-cuda cost
 
 help:  ## list the targets (times: measured at micro scale here; REPRODUCE.md has the rest)
 	@grep -E '^[a-z0-9 -]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 22
@@ -34,11 +37,17 @@ lint:  ## formatting and clippy, warnings are errors
 test: lint  ## lint, then every unit and integration test (release mode: the tests train models)
 	$(CARGO) test --release
 
+cost: build  ## FLOPs and GPU hours of the paper-scale experiments (REPRODUCE.md's cost table; a second)
+	$(SECTOR) cost $(filter-out experiments/paper/table2.toml,$(wildcard experiments/paper/*.toml))
+
+check-cuda:  ## compile the CUDA and NCCL builds here (installs CUDA 11.8 and NCCL; about 25 minutes cold; runs nothing on a GPU)
+	.ci/check-cuda
+
 demo: build  ## the SECToR loop end to end on experiments/micro/main.toml (machinery only: gates at 0)
 	$(SECTOR) run experiments/micro/main.toml --runs-dir $(RUNS)
 
-run: build  ## run (or resume) an experiment: make run CONFIG=experiments/NAME.toml
-	$(SECTOR) run $(CONFIG) --runs-dir $(RUNS)
+run: build  ## run (or resume) an experiment: make run CONFIG=experiments/NAME.toml [GPUS=8 FEATURES=nccl]
+	$(SECTOR) run $(CONFIG) --runs-dir $(RUNS) --gpus $(GPUS)
 
 PEER_PYTHON := benches/.venv/bin/python
 # The venv's python is a symlink to the system's, so its date says nothing
@@ -107,7 +116,7 @@ $(PRETRAINED): $(RESULTS)/%/manifest.sha256: | build
 	$(SECTOR) pretrain experiments/$(SCALE)/$*.toml --runs-dir $(RUNS) --device $(DEVICE) --record $(RESULTS)/$*
 
 $(RESULTS)/%/manifest.sha256: | build $(PRETRAINED)
-	$(SECTOR) run experiments/$(SCALE)/$*.toml --runs-dir $(RUNS) --device $(DEVICE) --record $(RESULTS)/$*
+	$(SECTOR) run experiments/$(SCALE)/$*.toml --runs-dir $(RUNS) --device $(DEVICE) --gpus $(GPUS) --record $(RESULTS)/$*
 
 verify: build  ## recompute every recorded hash; reruns in runs/ are checked against the recorded run manifests
 	$(SECTOR) verify $(dir $(wildcard results/*/*/manifest.sha256))

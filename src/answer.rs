@@ -7,6 +7,7 @@
 
 use crate::generate::{greedy, GreedyOptions};
 use crate::model::T5;
+use crate::parallel::{gather_texts, is_mine, Collective};
 use crate::task::{parse_fast, parse_slow, Kind, Problem, SlowFormat};
 use crate::tokenizer::{decode, encode};
 use candle_core::Result;
@@ -21,6 +22,8 @@ pub struct Solver<'a> {
     /// Counts decoded rows (`ProgressBar::hidden()` for none); cleared when
     /// the solver is dropped.
     pub progress: ProgressBar,
+    /// The ranks that share the decoding (`&SingleRank` for one process).
+    pub collective: &'a dyn Collective,
 }
 
 impl Drop for Solver<'_> {
@@ -69,12 +72,14 @@ pub fn majority_vote(candidates: &[Option<String>]) -> Option<String> {
 
 impl Solver<'_> {
     /// Greedy outputs for `problems` asked as `kind`, as text. Prompts are
-    /// sorted by length and decoded `decode_batch` at a time.
+    /// sorted by length and decoded `decode_batch` at a time; with several
+    /// ranks each decodes its share of these chunks and all get every output.
     pub fn ask(&self, problems: &[Problem], kind: Kind) -> Result<Vec<String>> {
         let mut order: Vec<usize> = (0..problems.len()).collect();
         order.sort_by_key(|&i| problems[i].digits());
         let mut outputs = vec![String::new(); problems.len()];
-        for chunk in order.chunks(self.decode_batch.max(1)) {
+        let chunks = order.chunks(self.decode_batch.max(1));
+        for (_, chunk) in chunks.enumerate().filter(|(c, _)| is_mine(self.collective, *c)) {
             let inputs: Vec<Vec<u32>> = chunk.iter().map(|&i| encode(&problems[i].prompt(kind))).collect();
             let longest = chunk.iter().map(|&i| problems[i].digits()).max().unwrap_or(1);
             let opts = GreedyOptions::new(max_new_tokens(kind, longest, self.format));
@@ -82,6 +87,13 @@ impl Solver<'_> {
                 outputs[i] = decode(&ids);
             }
             self.progress.inc(chunk.len() as u64);
+        }
+        if self.collective.world_size() > 1 {
+            let mine = outputs.into_iter().enumerate().filter(|(_, out)| !out.is_empty()).collect();
+            outputs = vec![String::new(); problems.len()];
+            for (i, out) in gather_texts(self.collective, mine)? {
+                outputs[i] = out;
+            }
         }
         Ok(outputs)
     }

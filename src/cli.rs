@@ -7,6 +7,7 @@ use crate::fewshot::FewShotConfig;
 use crate::files::{csv_bytes, record_run, write_atomic, Manifest};
 use crate::generate::greedy_text;
 use crate::model::select_device;
+use crate::parallel::{Collective, SingleRank};
 use crate::pretrain::PretrainConfig;
 use crate::task::{SlowFormat, TrueOracle};
 use crate::weights::Model;
@@ -14,6 +15,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use std::io::BufRead;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 #[derive(Parser)]
 #[command(name = "sector", version, about = "SECToR reproduction: ByT5 teaches itself addition")]
@@ -51,6 +53,16 @@ enum Command {
         config: PathBuf,
         #[command(flatten)]
         output: RunOptions,
+        /// Train data-parallel on this many GPUs of this machine, one
+        /// process each (needs a build with --features nccl).
+        #[arg(long, default_value_t = 1)]
+        gpus: usize,
+        /// Set by the launcher: this process's rank (and GPU) of --gpus.
+        #[arg(long, hide = true, requires = "nccl_id")]
+        rank: Option<usize>,
+        /// Set by the launcher: the job's NCCL id, as hex.
+        #[arg(long, hide = true)]
+        nccl_id: Option<String>,
     },
     /// CPU scale: string skills (copy, last digits, drop last digits) on
     /// random numbers, standing in for ByT5's pretraining; the checkpoint
@@ -113,6 +125,12 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// The FLOPs of experiments from their data schedules and model sizes,
+    /// and hours on V100, A100 and H100 GPUs, as a Markdown table.
+    Cost {
+        /// Experiment configs, e.g. experiments/paper/*.toml.
+        configs: Vec<PathBuf>,
+    },
     /// Measure training and decoding throughput against the machine's f32 matmul rate.
     Bench {
         /// Timed repetitions per case (the median is reported).
@@ -172,18 +190,37 @@ pub fn run() -> anyhow::Result<()> {
                 println!("{}", escape(&output));
             }
         }
-        Command::Run { config, output } => {
+        Command::Run { config, output, gpus, rank, nccl_id } => {
             let mut experiment = Experiment::load(&config)?;
             if let Some(device) = &output.device {
                 experiment.model.device = device.clone();
             }
             let run_dir = output.runs_dir.join(&experiment.name);
-            let records = crate::sector::run(experiment, &output.runs_dir, &TrueOracle)?;
-            println!("{} stages:", records.len());
-            for record in &records {
-                println!("{}", crate::sector::stage_summary(record));
+            let collective: Arc<dyn Collective> = match (gpus, rank, nccl_id) {
+                (0, _, _) => anyhow::bail!("--gpus must be at least 1"),
+                (1, _, _) => Arc::new(SingleRank),
+                (_, None, _) => {
+                    launch_ranks(&config, &output.runs_dir, gpus)?;
+                    return output.record(&run_dir);
+                }
+                (_, Some(rank), Some(id)) => {
+                    let (ranks, device) = join_rank(rank, gpus, &id)?;
+                    experiment.model.device = device;
+                    ranks
+                }
+                (_, Some(_), None) => unreachable!("clap requires --nccl-id with --rank"),
+            };
+            let rank_zero = collective.rank() == 0;
+            let records = crate::sector::run(experiment, &output.runs_dir, &TrueOracle, collective)?;
+            if rank_zero {
+                println!("{} stages:", records.len());
+                for record in &records {
+                    println!("{}", crate::sector::stage_summary(record));
+                }
             }
-            output.record(&run_dir)?;
+            if rank.is_none() {
+                output.record(&run_dir)?;
+            }
         }
         Command::Pretrain { config, output } => {
             let mut config = PretrainConfig::load(&config)?;
@@ -242,7 +279,8 @@ pub fn run() -> anyhow::Result<()> {
             let progress = indicatif::ProgressBar::new(problems.len() as u64 * 2).with_style(
                 indicatif::ProgressStyle::with_template("answering: {pos} rows decoded, {per_sec}, {elapsed}")?,
             );
-            let solver = Solver { model: &model.t5, format: slow_format, decode_batch, progress };
+            let solver =
+                Solver { model: &model.t5, format: slow_format, decode_batch, progress, collective: &SingleRank };
             let results = evaluate(&solver, &problems, &TrueOracle)?;
             write_atomic(&out, &csv_bytes(&results, &out)?)?;
             let lengths = summarize(&results);
@@ -258,9 +296,74 @@ pub fn run() -> anyhow::Result<()> {
                 write_atomic(&path, &csv_bytes(&lengths, &path)?)?;
             }
         }
+        Command::Cost { configs } => {
+            let mut costs = Vec::new();
+            for path in &configs {
+                let experiment = Experiment::load(path)?;
+                let (cfg, model) = experiment.model_config_for_cost(path)?;
+                costs.push(crate::cost::cost(&experiment, &cfg, &model));
+            }
+            print!("{}", crate::cost::table(&costs));
+        }
         Command::Bench { reps, rounds, filter, peer } => crate::bench::run(reps, rounds, &filter, peer.as_deref())?,
     }
     Ok(())
+}
+
+/// Starts one `sector run` process per GPU, each told its rank and the
+/// job's NCCL id, and waits for all of them; they write RUNS_DIR/<name>.
+#[cfg(feature = "nccl")]
+fn launch_ranks(config: &std::path::Path, runs_dir: &std::path::Path, gpus: usize) -> anyhow::Result<()> {
+    let id = crate::parallel::NcclId::new()?.to_hex();
+    let exe = std::env::current_exe().context("cannot find the sector executable to launch the ranks")?;
+    let mut children = Vec::new();
+    for rank in 0..gpus {
+        let child = std::process::Command::new(&exe)
+            .arg("run")
+            .arg(config)
+            .arg("--runs-dir")
+            .arg(runs_dir)
+            .args(["--gpus", &gpus.to_string(), "--rank", &rank.to_string(), "--nccl-id", &id])
+            .spawn()
+            .with_context(|| format!("cannot start rank {rank}"))?;
+        children.push(child);
+    }
+    let mut failed = Vec::new();
+    for (rank, mut child) in children.into_iter().enumerate() {
+        if !child.wait().with_context(|| format!("rank {rank}"))?.success() {
+            failed.push(rank.to_string());
+        }
+    }
+    if !failed.is_empty() {
+        anyhow::bail!("rank(s) {} failed: see their messages above; rerun to resume", failed.join(", "));
+    }
+    Ok(())
+}
+
+/// Joins a launched job as `rank` on GPU `rank`; returns the ranks and the device name.
+#[cfg(feature = "nccl")]
+fn join_rank(rank: usize, gpus: usize, id: &str) -> anyhow::Result<(Arc<dyn Collective>, String)> {
+    let id = crate::parallel::NcclId::from_hex(id)?;
+    let ranks = crate::parallel::NcclRanks::join(rank, gpus, &id)?;
+    Ok((Arc::new(ranks), format!("cuda:{rank}")))
+}
+
+#[cfg(not(feature = "nccl"))]
+fn launch_ranks(_: &std::path::Path, _: &std::path::Path, gpus: usize) -> anyhow::Result<()> {
+    Err(without_nccl(gpus))
+}
+
+#[cfg(not(feature = "nccl"))]
+fn join_rank(_: usize, gpus: usize, _: &str) -> anyhow::Result<(Arc<dyn Collective>, String)> {
+    Err(without_nccl(gpus))
+}
+
+#[cfg(not(feature = "nccl"))]
+fn without_nccl(gpus: usize) -> anyhow::Error {
+    anyhow::anyhow!(
+        "--gpus {gpus} needs NCCL: build with `cargo build --release --features nccl` (REPRODUCE.md, paper \
+         scale), or run on one device without --gpus"
+    )
 }
 
 fn read_prompts(path: &PathBuf) -> anyhow::Result<Vec<String>> {

@@ -101,7 +101,9 @@ impl ModelSettings {
         match &self.preset {
             Some(preset) if T5Config::preset(preset).is_none() => bad(
                 "model.preset",
-                format!("is {preset:?}; use byt5-small, byt5-base, cpu-tiny, cpu-small or cpu-medium"),
+                format!(
+                    "is {preset:?}; use byt5-small, byt5-base, byt5-large, byt5-xl, cpu-tiny, cpu-small or cpu-medium"
+                ),
             ),
             None if self.shape_overrides() => {
                 bad("model", "shape fields only apply to a preset, not to pretrained weights".into())
@@ -388,6 +390,27 @@ impl Experiment {
     /// The model config of a preset run, with this experiment's overrides.
     pub fn model_config(&self) -> Option<T5Config> {
         self.model.preset_config()
+    }
+
+    /// The model's shape without loading it, and its name: the preset's, or
+    /// for hub weights named after a preset (google/byt5-base) that preset's,
+    /// whose parameter count matches the published checkpoint's.
+    pub fn model_config_for_cost(&self, path: &Path) -> Result<(T5Config, String)> {
+        if let (Some(cfg), Some(name)) = (self.model_config(), &self.model.preset) {
+            return Ok((cfg, name.clone()));
+        }
+        let weights = self.model.weights.as_deref().unwrap_or_default();
+        let name = weights.rsplit('/').next().unwrap_or_default();
+        match T5Config::preset(name) {
+            Some(cfg) if name.starts_with("byt5-") => Ok((cfg, name.to_string())),
+            _ => Err(Error::Config {
+                path: path.to_path_buf(),
+                field: "model.weights".into(),
+                problem: format!(
+                    "is {weights:?}: costs are known for presets and hub ids named after one (google/byt5-base)"
+                ),
+            }),
+        }
     }
 
     /// `count` scaled by the data-size factor, at least 1.

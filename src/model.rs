@@ -177,6 +177,8 @@ impl T5Config {
         Some(match name {
             "byt5-small" => Self::byt5(1472, 3584, 6, 64, 12, 4),
             "byt5-base" => Self::byt5(1536, 3968, 12, 64, 18, 6),
+            "byt5-large" => Self::byt5(1536, 3840, 16, 64, 36, 12),
+            "byt5-xl" => Self::byt5(2560, 6720, 32, 64, 36, 12),
             "cpu-tiny" => Self::byt5(64, 128, 2, 32, 2, 2),
             "cpu-small" => Self::byt5(256, 512, 4, 64, 4, 2),
             "cpu-medium" => Self::byt5(512, 1024, 8, 64, 6, 4),
@@ -256,11 +258,6 @@ impl Dropout {
 
     pub fn new(rate: f64, rng: Pcg64) -> Self {
         Dropout { rate, rng: Some(rng) }
-    }
-
-    /// The generator's state, to be saved with a checkpoint.
-    pub fn rng(&self) -> Option<&Pcg64> {
-        self.rng.as_ref()
     }
 
     fn is_on(&self) -> bool {
@@ -768,5 +765,8 @@ mod tests {
         // 581,653,248 for google/byt5-base.
         assert_eq!(T5Config::preset("byt5-small").unwrap().num_params(), 299_637_760);
         assert_eq!(T5Config::preset("byt5-base").unwrap().num_params(), 581_653_248);
+        // The paper's Table 2 gives 1.23B and 3.74B for large and xl.
+        assert_eq!(T5Config::preset("byt5-large").unwrap().num_params(), 1_228_183_552);
+        assert_eq!(T5Config::preset("byt5-xl").unwrap().num_params(), 3_737_801_728);
     }
 }

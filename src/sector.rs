@@ -19,8 +19,10 @@ use crate::answer::{majority_vote, Solver, Trace};
 use crate::config::{Experiment, LabelMethod, StartSelfTraining};
 use crate::error::{Error, Result};
 use crate::eval::{evaluate, summarize};
-use crate::files::{csv_bytes, read_csv, Manifest};
+use crate::files::{csv_bytes, read_csv, Manifest, MANIFEST};
+use crate::memory::{device_capacity, MemoryPlan};
 use crate::model::select_device;
+use crate::parallel::{self, Collective};
 use crate::task::{sample_unique, Kind, Oracle, Problem};
 use crate::tokenizer::encode;
 use crate::train::{Example, TrainConfig, Trainer};
@@ -32,6 +34,7 @@ use rand_pcg::Pcg64;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 pub const STAGES_CSV: &str = "stages.csv";
@@ -40,12 +43,12 @@ pub const GENERATION_CSV: &str = "generation.csv";
 pub use crate::files::CONFIG_FILE;
 
 /// Data sizes of PROTOCOL.md section 5, per stage, before `data_scale`.
-const SLOW_NEW: usize = 10_000;
-const SLOW_OLD: usize = 1_000;
-const FAST_NEW: usize = 30_000;
-const FAST_OLD: usize = 3_000;
+pub const SLOW_NEW: usize = 10_000;
+pub const SLOW_OLD: usize = 1_000;
+pub const FAST_NEW: usize = 30_000;
+pub const FAST_OLD: usize = 3_000;
 /// Self-training (section 6) uses a tenth of them.
-const SELF_TRAINING_FRACTION: usize = 10;
+pub const SELF_TRAINING_FRACTION: usize = 10;
 
 /// Independent random streams of a stage.
 mod streams {
@@ -210,12 +213,21 @@ pub struct Run<'a> {
     accuracy: Vec<AccuracyRecord>,
     generation: Vec<GenerationRecord>,
     manifest: Manifest,
+    /// The ranks of a data-parallel run; rank 0 alone writes to `dir`.
+    collective: Arc<dyn Collective>,
 }
 
 /// Runs an experiment to its end, resuming from its run directory under
-/// `runs_root` if there is one. Returns every stage's record.
-pub fn run(experiment: Experiment, runs_root: &Path, oracle: &dyn Oracle) -> Result<Vec<StageRecord>> {
-    let mut run = Run::open(experiment, runs_root, oracle)?;
+/// `runs_root` if there is one. Returns every stage's record. Every rank of
+/// `collective` calls this with the same arguments (`SingleRank` for one
+/// process).
+pub fn run(
+    experiment: Experiment,
+    runs_root: &Path,
+    oracle: &dyn Oracle,
+    collective: Arc<dyn Collective>,
+) -> Result<Vec<StageRecord>> {
+    let mut run = Run::open(experiment, runs_root, oracle, collective)?;
     let mut trainer = run.trainer()?;
     loop {
         let (phase, digits) = match run.records.last() {
@@ -260,11 +272,29 @@ fn twins_agree(problems: &[Problem], answers: &[Option<String>]) -> Vec<bool> {
 }
 
 impl<'a> Run<'a> {
-    /// Opens (or creates) the run directory, refusing one made by another config.
-    pub fn open(experiment: Experiment, runs_root: &Path, oracle: &'a dyn Oracle) -> Result<Self> {
+    /// Opens (or creates) the run directory, refusing one made by another
+    /// config; other ranks wait for rank 0 to do so, then read it.
+    pub fn open(
+        experiment: Experiment,
+        runs_root: &Path,
+        oracle: &'a dyn Oracle,
+        collective: Arc<dyn Collective>,
+    ) -> Result<Self> {
         let dir = runs_root.join(&experiment.name);
-        let manifest = crate::files::open_run_dir(&dir, &experiment.name, &experiment.to_toml())?;
-        std::fs::create_dir_all(dir.join("data")).map_err(|e| Error::io(&dir, e))?;
+        let writer = collective.rank() == 0;
+        let opened = if writer {
+            let manifest = crate::files::open_run_dir(&dir, &experiment.name, &experiment.to_toml())?;
+            std::fs::create_dir_all(dir.join("data")).map_err(|e| Error::io(&dir, e))?;
+            Some(manifest)
+        } else {
+            None
+        };
+        parallel::barrier(collective.as_ref())?;
+        let manifest = match opened {
+            Some(manifest) => manifest,
+            None if dir.join(MANIFEST).exists() => Manifest::load(&dir)?,
+            None => Manifest::default(),
+        };
         let records: Vec<StageRecord> = read_csv(&dir.join(STAGES_CSV))?;
         let finished = records.len();
         // Rows of a stage that was cut short are dropped; the stage runs again.
@@ -274,7 +304,8 @@ impl<'a> Run<'a> {
         generation.retain(|r| r.stage <= finished);
         let device = select_device(&experiment.model.device)?;
         let runs_root = runs_root.to_path_buf();
-        let run = Run { experiment, dir, runs_root, oracle, device, records, accuracy, generation, manifest };
+        let run =
+            Run { experiment, dir, runs_root, oracle, device, records, accuracy, generation, manifest, collective };
         if finished > 0 {
             run.log(&format!("resuming after stage {finished}"));
         }
@@ -291,6 +322,28 @@ impl<'a> Run<'a> {
 
     /// The trainer at the end of the last finished stage, or a fresh one.
     fn trainer(&self) -> Result<Trainer> {
+        let mut trainer = self.restore_or_start()?;
+        self.check_memory(&trainer)?;
+        trainer.collective = self.collective.clone();
+        Ok(trainer)
+    }
+
+    /// Logs the per-GPU memory plan and refuses one the device cannot hold.
+    fn check_memory(&self, trainer: &Trainer) -> Result<()> {
+        let dtype_bytes = trainer.model.t5.dtype().size_in_bytes() as u64;
+        let plan = MemoryPlan::for_experiment(&self.experiment, trainer.model.config(), dtype_bytes);
+        self.log(&plan.to_string());
+        match device_capacity(&self.device)? {
+            Some(capacity) => plan.check(capacity).map_err(|problem| Error::Config {
+                path: self.dir.join(CONFIG_FILE),
+                field: "train.max_tokens_per_micro_batch".into(),
+                problem,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    fn restore_or_start(&self) -> Result<Trainer> {
         if !self.records.is_empty() {
             return Trainer::load(&self.checkpoint_dir(self.records.len()), &self.device);
         }
@@ -299,8 +352,12 @@ impl<'a> Run<'a> {
             Some(config) => {
                 let mut config = crate::pretrain::PretrainConfig::load(Path::new(config))?;
                 config.model.device = e.model.device.clone();
-                let checkpoint =
-                    crate::pretrain::run_into(&config, &self.runs_root)?.join(crate::pretrain::CHECKPOINT_DIR);
+                // Rank 0 pretrains (or finds the pretraining done); the others wait for it.
+                if self.writes() {
+                    crate::pretrain::run_into(&config, &self.runs_root)?;
+                }
+                parallel::barrier(self.collective.as_ref())?;
+                let checkpoint = self.runs_root.join(&config.name).join(crate::pretrain::CHECKPOINT_DIR);
                 self.log(&format!("starting from the pretrained checkpoint {}", checkpoint.display()));
                 Model::load(&checkpoint.display().to_string(), &self.device)?
             }
@@ -329,7 +386,8 @@ impl<'a> Run<'a> {
 
     /// Asks the trainer's model; a spinner labelled `task` counts decoded rows.
     fn solver<'m>(&self, trainer: &'m Trainer, task: &str) -> Solver<'m> {
-        let progress = ProgressBar::new_spinner()
+        let progress = self
+            .on_rank_zero(ProgressBar::new_spinner())
             .with_style(ProgressStyle::with_template("{msg}: {pos} rows decoded, {per_sec}, {elapsed}").expect("valid"))
             .with_message(task.to_string());
         Solver {
@@ -337,11 +395,27 @@ impl<'a> Run<'a> {
             format: self.experiment.task.slow_format,
             decode_batch: self.experiment.eval.decode_batch,
             progress,
+            collective: trainer.collective.as_ref(),
         }
     }
 
+    /// Whether this process writes the run directory (rank 0).
+    fn writes(&self) -> bool {
+        self.collective.rank() == 0
+    }
+
+    /// `bar`, drawn only by rank 0 (the other ranks' progress is the same).
+    fn on_rank_zero(&self, bar: ProgressBar) -> ProgressBar {
+        if !self.writes() {
+            bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+        }
+        bar
+    }
+
     fn log(&self, line: &str) {
-        crate::files::append_log(&self.dir, &self.experiment.name, line);
+        if self.writes() {
+            crate::files::append_log(&self.dir, &self.experiment.name, line);
+        }
     }
 
     /// The digits of the last supervised stage: ground truth is used up to here.
@@ -395,7 +469,7 @@ impl<'a> Run<'a> {
         label: &str,
     ) -> Result<(usize, f64, f64, bool)> {
         let t = &self.experiment.train;
-        let bar = ProgressBar::new((train.len() * t.max_epochs) as u64).with_style(
+        let bar = self.on_rank_zero(ProgressBar::new((train.len() * t.max_epochs) as u64)).with_style(
             ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} examples, {per_sec}, ETA {eta}")
                 .expect("valid template"),
         );
@@ -857,6 +931,9 @@ impl<'a> Run<'a> {
         .collect();
         let votes = analysis::votes(&solver, &examples, self.experiment.self_training.k, self.oracle)?;
         drop(solver);
+        if !self.writes() {
+            return Ok(());
+        }
         for (name, bytes) in [
             (FINAL_CSV, csv_bytes(&accuracy, &self.dir.join(FINAL_CSV))?),
             (CARRIES_CSV, csv_bytes(&carries, &self.dir.join(CARRIES_CSV))?),
@@ -878,20 +955,28 @@ impl<'a> Run<'a> {
 
     /// Writes a finished stage: dataset, checkpoint, results CSVs, manifest,
     /// in that order, so a stage counts as finished only once its row is in
-    /// stages.csv and everything it needs is on disk.
+    /// stages.csv and everything it needs is on disk. Rank 0 writes; every
+    /// rank waits until it has (later stages read the datasets back).
     fn finish_stage(&mut self, trainer: &Trainer, output: StageOutput) -> Result<()> {
-        let stage = output.record.stage;
+        self.log(&stage_summary(&output.record));
+        self.accuracy.extend(output.accuracy);
+        self.generation.extend(output.generation);
+        self.records.push(output.record);
+        if self.writes() {
+            self.write_stage(trainer, &output.data)?;
+        }
+        Ok(parallel::barrier(self.collective.as_ref())?)
+    }
+
+    fn write_stage(&mut self, trainer: &Trainer, data: &[DataRow]) -> Result<()> {
+        let stage = self.records.len();
         let data_file = Self::data_file(stage);
-        let bytes = csv_bytes(&output.data, &self.dir.join(&data_file))?;
+        let bytes = csv_bytes(data, &self.dir.join(&data_file))?;
         self.manifest.write_file(&self.dir, &data_file, &bytes)?;
         let checkpoint = self.checkpoint_dir(stage);
         trainer.save(&checkpoint)?;
         let prefix = checkpoint.strip_prefix(&self.dir).expect("inside the run").display().to_string();
         self.manifest.add_checkpoint(&self.dir, &prefix)?;
-        self.accuracy.extend(output.accuracy);
-        self.generation.extend(output.generation);
-        self.log(&stage_summary(&output.record));
-        self.records.push(output.record);
         for (name, bytes) in [
             (ACCURACY_CSV, csv_bytes(&self.accuracy, &self.dir.join(ACCURACY_CSV))?),
             (GENERATION_CSV, csv_bytes(&self.generation, &self.dir.join(GENERATION_CSV))?),

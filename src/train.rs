@@ -11,13 +11,16 @@
 use crate::error::{Error, Result};
 use crate::files::Manifest;
 use crate::model::{Dropout, Seq2SeqBatch};
+use crate::parallel::{is_mine, Collective, SingleRank};
 use crate::weights::{Model, WEIGHTS_FILE};
 use candle_core::{DType, Device, Tensor, Var};
 use rand::seq::SliceRandom;
+use rand::Rng;
 use rand_pcg::Pcg64;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const TRAINER_FILE: &str = "trainer.json";
@@ -155,6 +158,8 @@ pub struct Trainer {
     pub epochs: u64,
     data_rng: Pcg64,
     dropout_rng: Pcg64,
+    /// The ranks that share each batch (one rank unless data-parallel).
+    pub collective: Arc<dyn Collective>,
 }
 
 impl Trainer {
@@ -163,7 +168,7 @@ impl Trainer {
         // Two streams from one seed: data order, and dropout masks.
         let data_rng = Pcg64::new(config.seed as u128, 0xda7a);
         let dropout_rng = Pcg64::new(config.seed as u128, 0xd209);
-        Ok(Trainer { model, config, adam, epochs: 0, data_rng, dropout_rng })
+        Ok(Trainer { model, config, adam, epochs: 0, data_rng, dropout_rng, collective: Arc::new(SingleRank) })
     }
 
     /// One optimiser step on `batch`; returns its mean token loss.
@@ -174,20 +179,28 @@ impl Trainer {
     }
 
     /// The mean token loss of `batch` and its gradient by parameter name,
-    /// accumulated over length-grouped micro-batches.
+    /// accumulated over length-grouped micro-batches. With several ranks each
+    /// computes its share of the micro-batches and the shares are summed.
     pub fn gradients(&mut self, batch: &[&Example]) -> Result<(f32, BTreeMap<String, Tensor>)> {
         let total_tokens: usize = batch.iter().map(|(_, target)| target.len()).sum();
         let device = self.model.t5.device().clone();
         let rate = if self.config.dropout { self.model.config().dropout_rate } else { 0.0 };
         let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
         let mut loss = 0f32;
-        for micro in micro_batches(batch, self.config.max_tokens_per_micro_batch) {
+        let collective = self.collective.clone();
+        let micros = micro_batches(batch, self.config.max_tokens_per_micro_batch);
+        for (i, micro) in micros.iter().enumerate() {
+            // One draw per micro-batch on every rank, so the dropout masks do
+            // not depend on how many ranks share the batch.
+            let dropout_seed: u64 = self.dropout_rng.random();
+            if !is_mine(collective.as_ref(), i) {
+                continue;
+            }
             let inputs: Vec<Vec<u32>> = micro.iter().map(|&i| batch[i].0.clone()).collect();
             let targets: Vec<Vec<u32>> = micro.iter().map(|&i| batch[i].1.clone()).collect();
             let micro_batch = Seq2SeqBatch::new(&inputs, &targets, &device)?;
-            let mut dropout = Dropout::new(rate, self.dropout_rng.clone());
+            let mut dropout = Dropout::new(rate, Pcg64::new(dropout_seed as u128, 0xd209));
             let micro_loss = (self.model.t5.loss_sum(&micro_batch, &mut dropout)? / total_tokens as f64)?;
-            self.dropout_rng = dropout.rng().expect("dropout on").clone();
             loss += micro_loss.to_scalar::<f32>()?;
             let store = micro_loss.backward()?;
             for (name, var) in &self.model.vars {
@@ -200,7 +213,21 @@ impl Trainer {
                 }
             }
         }
-        Ok((loss, grads))
+        if collective.world_size() == 1 {
+            return Ok((loss, grads));
+        }
+        // Every rank sums every parameter, in the same order, even one its
+        // share of the batch left without a gradient.
+        let mut summed = BTreeMap::new();
+        for (name, var) in &self.model.vars {
+            let grad = match grads.remove(name) {
+                Some(grad) => grad,
+                None => var.as_tensor().zeros_like()?,
+            };
+            summed.insert(name.clone(), collective.sum(&grad)?);
+        }
+        let loss = collective.sum(&Tensor::new(&[loss], &Device::Cpu)?)?.to_vec1::<f32>()?[0];
+        Ok((loss, summed))
     }
 
     /// One pass over `data` in a fresh random order, in batches of

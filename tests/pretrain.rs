@@ -5,9 +5,11 @@
 
 use sector::config::Experiment;
 use sector::files::sha256_file;
+use sector::parallel::SingleRank;
 use sector::pretrain::{run_into, PretrainConfig, CHECKPOINT_DIR, PRETRAIN_CSV};
 use sector::task::TrueOracle;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 fn micro() -> PretrainConfig {
     PretrainConfig::load(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("experiments/micro/pretrain.toml")).unwrap()
@@ -63,6 +65,7 @@ fn a_run_refuses_a_corrupt_pretrained_checkpoint() {
     let last = bytes.len() - 1;
     bytes[last] ^= 1;
     std::fs::write(&pretrained, bytes).unwrap();
-    let message = sector::sector::run(experiment, runs.path(), &TrueOracle).unwrap_err().to_string();
+    let message =
+        sector::sector::run(experiment, runs.path(), &TrueOracle, Arc::new(SingleRank)).unwrap_err().to_string();
     assert!(message.contains("model.safetensors") && message.contains("sha256"), "{message}");
 }

@@ -3,14 +3,18 @@
 //! datasets are deterministic, no ground truth above the supervised cap
 //! reaches training, and a run directory refuses a different config.
 
+mod common;
+
+use common::records_without_time;
 use sector::config::Experiment;
 use sector::files::{read_csv, sha256_file};
+use sector::parallel::SingleRank;
 use sector::sector::{run, DataRow, Phase, StageRecord};
 use sector::task::{Oracle, Problem, SlowFormat, TrueOracle};
 use std::cell::Cell;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 fn micro_config() -> PathBuf {
@@ -57,7 +61,7 @@ fn reference_run() -> &'static Path {
     static RUN: OnceLock<(tempfile::TempDir, Vec<StageRecord>)> = OnceLock::new();
     let (dir, _) = RUN.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
-        let records = run(micro(), dir.path(), &TrueOracle).unwrap();
+        let records = run(micro(), dir.path(), &TrueOracle, Arc::new(SingleRank)).unwrap();
         (dir, records)
     });
     dir.path()
@@ -75,15 +79,6 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
     }
     files.sort();
     files
-}
-
-/// Stage records without their wall times.
-fn records_without_time(run_dir: &Path) -> Vec<StageRecord> {
-    let mut records: Vec<StageRecord> = read_csv(&run_dir.join("stages.csv")).unwrap();
-    for r in &mut records {
-        r.seconds = 0.0;
-    }
-    records
 }
 
 #[test]
@@ -178,7 +173,7 @@ fn training_view(run_dir: &Path) -> (Vec<Vec<DataRow>>, Vec<String>, Vec<StageRe
 fn no_ground_truth_above_the_supervised_cap_reaches_training() {
     let poisoned = tempfile::tempdir().unwrap();
     let oracle = PoisonedOracle::new(3);
-    run(micro(), poisoned.path(), &oracle).unwrap();
+    run(micro(), poisoned.path(), &oracle, Arc::new(SingleRank)).unwrap();
     let reference = reference_run().join("micro-main");
     let (honest, lied_to) = (training_view(&reference), training_view(&poisoned.path().join("micro-main")));
     for (stage, (a, b)) in honest.0.iter().zip(&lied_to.0).enumerate() {
@@ -198,7 +193,7 @@ fn the_poison_test_can_fail_a_leak_inside_the_cap_changes_training() {
     let poisoned = tempfile::tempdir().unwrap();
     let mut experiment = micro();
     experiment.self_training.last_digits = 3; // only the supervised stage is needed
-    run(experiment, poisoned.path(), &PoisonedOracle::new(2)).unwrap();
+    run(experiment, poisoned.path(), &PoisonedOracle::new(2), Arc::new(SingleRank)).unwrap();
     let honest: Vec<DataRow> = read_csv(&reference_run().join("micro-main/data/stage-01.csv")).unwrap();
     let lied_to: Vec<DataRow> = read_csv(&poisoned.path().join("micro-main/data/stage-01.csv")).unwrap();
     assert_ne!(honest, lied_to);
@@ -211,8 +206,8 @@ fn a_run_directory_made_by_another_config_is_refused() {
     let runs = tempfile::tempdir().unwrap();
     let mut experiment = micro();
     experiment.self_training.last_digits = 3;
-    run(experiment.clone(), runs.path(), &TrueOracle).unwrap();
+    run(experiment.clone(), runs.path(), &TrueOracle, Arc::new(SingleRank)).unwrap();
     experiment.train.lr = 5e-4;
-    let err = run(experiment, runs.path(), &TrueOracle).unwrap_err().to_string();
+    let err = run(experiment, runs.path(), &TrueOracle, Arc::new(SingleRank)).unwrap_err().to_string();
     assert!(err.contains("micro-main") && err.contains("another config") && err.contains("Fix"), "{err}");
 }
