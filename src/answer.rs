@@ -77,23 +77,21 @@ impl Solver<'_> {
     pub fn ask(&self, problems: &[Problem], kind: Kind) -> Result<Vec<String>> {
         let mut order: Vec<usize> = (0..problems.len()).collect();
         order.sort_by_key(|&i| problems[i].digits());
-        let mut outputs = vec![String::new(); problems.len()];
+        // (problem index, output) for the chunks this rank decodes.
+        let mut mine: Vec<(usize, String)> = Vec::new();
         let chunks = order.chunks(self.decode_batch.max(1));
         for (_, chunk) in chunks.enumerate().filter(|(c, _)| is_mine(self.collective, *c)) {
             let inputs: Vec<Vec<u32>> = chunk.iter().map(|&i| encode(&problems[i].prompt(kind))).collect();
             let longest = chunk.iter().map(|&i| problems[i].digits()).max().unwrap_or(1);
             let opts = GreedyOptions::new(max_new_tokens(kind, longest, self.format));
             for (&i, ids) in chunk.iter().zip(greedy(self.model, &inputs, opts)?) {
-                outputs[i] = decode(&ids);
+                mine.push((i, decode(&ids)));
             }
             self.progress.inc(chunk.len() as u64);
         }
-        if self.collective.world_size() > 1 {
-            let mine = outputs.into_iter().enumerate().filter(|(_, out)| !out.is_empty()).collect();
-            outputs = vec![String::new(); problems.len()];
-            for (i, out) in gather_texts(self.collective, mine)? {
-                outputs[i] = out;
-            }
+        let mut outputs = vec![String::new(); problems.len()];
+        for (i, out) in gather_texts(self.collective, mine)? {
+            outputs[i] = out;
         }
         Ok(outputs)
     }

@@ -7,6 +7,7 @@
 use crate::error::{Error, Result};
 use crate::model::T5Config;
 use crate::task::SlowFormat;
+use crate::train::LrSchedule;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -59,6 +60,9 @@ pub struct ModelSettings {
     pub relative_attention_max_distance: Option<usize>,
     pub dropout_rate: Option<f64>,
     pub initializer_factor: Option<f64>,
+    /// The output layer's initial std (T5Config::lm_head_init_std).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lm_head_init_std: Option<f64>,
 }
 
 impl Default for ModelSettings {
@@ -78,6 +82,7 @@ impl Default for ModelSettings {
             relative_attention_max_distance: None,
             dropout_rate: None,
             initializer_factor: None,
+            lm_head_init_std: None,
         }
     }
 }
@@ -119,6 +124,7 @@ impl ModelSettings {
             .any(Option::is_some)
             || self.dropout_rate.is_some()
             || self.initializer_factor.is_some()
+            || self.lm_head_init_std.is_some()
     }
 
     /// The preset's model config with the shape overrides (None for pretrained weights).
@@ -135,6 +141,7 @@ impl ModelSettings {
         cfg.num_decoder_layers = self.num_decoder_layers.or(cfg.num_decoder_layers);
         cfg.dropout_rate = self.dropout_rate.unwrap_or(cfg.dropout_rate);
         cfg.initializer_factor = self.initializer_factor.unwrap_or(cfg.initializer_factor);
+        cfg.lm_head_init_std = self.lm_head_init_std.or(cfg.lm_head_init_std);
         Some(cfg)
     }
 }
@@ -147,6 +154,10 @@ pub struct TrainSettings {
     pub lr: f64,
     /// Steps of linear warm-up to `lr` at the start of a run (0: none, the paper's).
     pub warmup_steps: u64,
+    /// After the warm-up: "constant" (the paper's) or "inverse-sqrt" (T5's
+    /// pre-training schedule, lr * sqrt(warmup_steps / step)).
+    #[serde(skip_serializing_if = "LrSchedule::is_constant")]
+    pub lr_schedule: LrSchedule,
     /// Examples per optimiser step (paper: 1024 for 582M, 2048 for 300M).
     pub batch_size: usize,
     /// Padded tokens per forward/backward pass (gradient accumulation).
@@ -165,6 +176,7 @@ impl Default for TrainSettings {
         TrainSettings {
             lr: 1e-4,
             warmup_steps: 0,
+            lr_schedule: LrSchedule::Constant,
             batch_size: 1024,
             max_tokens_per_micro_batch: 65536,
             dropout: false,

@@ -78,6 +78,15 @@ impl Manifest {
         Self::load_file(&dir.join(MANIFEST))
     }
 
+    /// The directory's manifest, or an empty one where it has none yet.
+    pub fn load_or_default(dir: &Path) -> Result<Self> {
+        if dir.join(MANIFEST).exists() {
+            Self::load(dir)
+        } else {
+            Ok(Self::default())
+        }
+    }
+
     /// Reads a manifest in `sha256sum` format from any path.
     pub fn load_file(path: &Path) -> Result<Self> {
         let path = path.to_path_buf();
@@ -149,7 +158,7 @@ pub fn open_run_dir(dir: &Path, name: &str, canonical: &str) -> Result<Manifest>
         }
     }
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let mut manifest = if dir.join(MANIFEST).exists() { Manifest::load(dir)? } else { Manifest::default() };
+    let mut manifest = Manifest::load_or_default(dir)?;
     manifest.write_file(dir, CONFIG_FILE, canonical.as_bytes())?;
     Ok(manifest)
 }

@@ -61,6 +61,12 @@ pub struct T5Config {
     /// Scales every initialisation std (transformers' `initializer_factor`).
     #[serde(default = "defaults::initializer_factor")]
     pub initializer_factor: f64,
+    /// Ours, not transformers': the untied output layer's initial std before
+    /// `initializer_factor` (absent: transformers' 1.0, which makes initial
+    /// logits about sqrt(d_model) wide; Mesh TensorFlow's T5 v1.1 drew it
+    /// with its dense default, d_model^-0.5). Only random weights use it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lm_head_init_std: Option<f64>,
     /// Only "gated-gelu" (T5 v1.1, ByT5) is implemented.
     #[serde(default = "defaults::feed_forward_proj")]
     pub feed_forward_proj: String,
@@ -160,6 +166,7 @@ impl T5Config {
             dropout_rate: 0.0,
             layer_norm_epsilon: 1e-6,
             initializer_factor: 1.0,
+            lm_head_init_std: None,
             feed_forward_proj: "gated-gelu".into(),
             tie_word_embeddings: false,
             pad_token_id: 0,

@@ -20,7 +20,7 @@ use crate::generate::greedy_text;
 use crate::model::select_device;
 use crate::task::random_operand;
 use crate::tokenizer::encode;
-use crate::train::{Example, TrainConfig, Trainer};
+use crate::train::{Example, LrSchedule, TrainConfig, Trainer};
 use crate::weights::Model;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::Rng;
@@ -53,6 +53,8 @@ pub struct PretrainTraining {
     pub lr: f64,
     #[serde(default)]
     pub warmup_steps: u64,
+    #[serde(default, skip_serializing_if = "LrSchedule::is_constant")]
+    pub lr_schedule: LrSchedule,
     pub batch_size: usize,
     pub max_tokens_per_micro_batch: usize,
     pub epochs: usize,
@@ -202,6 +204,7 @@ pub fn run_into(config: &PretrainConfig, runs_root: &Path) -> Result<PathBuf> {
             dropout: false,
             seed: config.seed,
             warmup_steps: t.warmup_steps,
+            lr_schedule: t.lr_schedule,
         };
         Trainer::new(model, train_config)?
     };

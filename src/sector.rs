@@ -19,7 +19,7 @@ use crate::answer::{majority_vote, Solver, Trace};
 use crate::config::{Experiment, LabelMethod, StartSelfTraining};
 use crate::error::{Error, Result};
 use crate::eval::{evaluate, summarize};
-use crate::files::{csv_bytes, read_csv, Manifest, MANIFEST};
+use crate::files::{csv_bytes, read_csv, Manifest};
 use crate::memory::{device_capacity, MemoryPlan};
 use crate::model::select_device;
 use crate::parallel::{self, Collective};
@@ -292,8 +292,7 @@ impl<'a> Run<'a> {
         parallel::barrier(collective.as_ref())?;
         let manifest = match opened {
             Some(manifest) => manifest,
-            None if dir.join(MANIFEST).exists() => Manifest::load(&dir)?,
-            None => Manifest::default(),
+            None => Manifest::load_or_default(&dir)?,
         };
         let records: Vec<StageRecord> = read_csv(&dir.join(STAGES_CSV))?;
         let finished = records.len();
@@ -376,6 +375,7 @@ impl<'a> Run<'a> {
             dropout: t.dropout,
             seed: e.seed,
             warmup_steps: t.warmup_steps,
+            lr_schedule: t.lr_schedule,
         };
         Trainer::new(model, config)
     }

@@ -45,6 +45,39 @@ pub struct TrainConfig {
     /// lr / warmup_steps to lr (0: constant from the start, the paper's).
     #[serde(default)]
     pub warmup_steps: u64,
+    /// What the learning rate does after the warm-up.
+    #[serde(default, skip_serializing_if = "LrSchedule::is_constant")]
+    pub lr_schedule: LrSchedule,
+}
+
+/// The learning rate after the warm-up.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LrSchedule {
+    /// lr from then on (the paper's).
+    #[default]
+    Constant,
+    /// lr * sqrt(warmup_steps / step), T5's own pre-training schedule: large
+    /// steps while a model from scratch finds the task, small ones later so
+    /// that it settles instead of swinging from epoch to epoch.
+    InverseSqrt,
+}
+
+impl LrSchedule {
+    pub fn is_constant(&self) -> bool {
+        *self == LrSchedule::Constant
+    }
+
+    /// The learning rate of optimiser step `step` (counted from 1).
+    pub fn rate(self, lr: f64, warmup_steps: u64, step: u64) -> f64 {
+        let warmup = warmup_steps.max(1) as f64;
+        let step = step as f64;
+        match self {
+            _ if step < warmup => lr * step / warmup,
+            LrSchedule::Constant => lr,
+            LrSchedule::InverseSqrt => lr * (warmup / step).sqrt(),
+        }
+    }
 }
 
 impl Default for TrainConfig {
@@ -56,16 +89,18 @@ impl Default for TrainConfig {
             dropout: false,
             seed: 0,
             warmup_steps: 0,
+            lr_schedule: LrSchedule::Constant,
         }
     }
 }
 
-/// Adam (Kingma & Ba) as torch.optim.Adam computes it, with a constant
-/// learning rate after an optional linear warm-up. Moments, and for bf16
-/// weights a master copy, are kept in f32.
+/// Adam (Kingma & Ba) as torch.optim.Adam computes it, with a learning rate
+/// that follows `schedule` after an optional linear warm-up. Moments, and
+/// for bf16 weights a master copy, are kept in f32.
 pub struct Adam {
     pub lr: f64,
     pub warmup_steps: u64,
+    pub schedule: LrSchedule,
     pub beta1: f64,
     pub beta2: f64,
     pub eps: f64,
@@ -76,7 +111,7 @@ pub struct Adam {
 }
 
 impl Adam {
-    pub fn new(vars: &BTreeMap<String, Var>, lr: f64, warmup_steps: u64) -> Result<Self> {
+    pub fn new(vars: &BTreeMap<String, Var>, lr: f64, warmup_steps: u64, schedule: LrSchedule) -> Result<Self> {
         let state = vars
             .iter()
             .map(|(name, var)| {
@@ -88,7 +123,7 @@ impl Adam {
                 Ok((name.clone(), (zeros.clone(), zeros, master)))
             })
             .collect::<Result<_>>()?;
-        Ok(Adam { lr, warmup_steps, beta1: 0.9, beta2: 0.999, eps: 1e-8, steps: 0, state })
+        Ok(Adam { lr, warmup_steps, schedule, beta1: 0.9, beta2: 0.999, eps: 1e-8, steps: 0, state })
     }
 
     /// One update of every parameter that has a gradient.
@@ -96,7 +131,7 @@ impl Adam {
         self.steps += 1;
         let bias1 = 1.0 - self.beta1.powi(self.steps as i32);
         let bias2 = 1.0 - self.beta2.powi(self.steps as i32);
-        let lr = self.lr * (self.steps as f64 / self.warmup_steps.max(1) as f64).min(1.0);
+        let lr = self.schedule.rate(self.lr, self.warmup_steps, self.steps);
         for (name, var) in vars {
             let (Some(grad), Some((m, v, master))) = (grads.get(name), self.state.get_mut(name)) else {
                 continue;
@@ -164,7 +199,7 @@ pub struct Trainer {
 
 impl Trainer {
     pub fn new(model: Model, config: TrainConfig) -> Result<Self> {
-        let adam = Adam::new(&model.vars, config.lr, config.warmup_steps)?;
+        let adam = Adam::new(&model.vars, config.lr, config.warmup_steps, config.lr_schedule)?;
         // Two streams from one seed: data order, and dropout masks.
         let data_rng = Pcg64::new(config.seed as u128, 0xda7a);
         let dropout_rng = Pcg64::new(config.seed as u128, 0xd209);
@@ -357,7 +392,7 @@ mod tests {
         let var = Var::from_tensor(&Tensor::new(&[1f32], &Device::Cpu)?.to_dtype(DType::BF16)?)?;
         let vars = BTreeMap::from([("w".to_string(), var.clone())]);
         let grads = BTreeMap::from([("w".to_string(), Tensor::new(&[1f32], &Device::Cpu)?.to_dtype(DType::BF16)?)]);
-        let mut adam = Adam::new(&vars, 1e-3, 0)?;
+        let mut adam = Adam::new(&vars, 1e-3, 0, LrSchedule::Constant)?;
         for _ in 0..10 {
             adam.step(&vars, &grads)?;
         }
@@ -384,7 +419,7 @@ mod tests {
         let var = Var::new(&[0f32], &Device::Cpu)?;
         let vars = BTreeMap::from([("w".to_string(), var.clone())]);
         let grads = BTreeMap::from([("w".to_string(), Tensor::new(&[0.5f32], &Device::Cpu)?)]);
-        let mut adam = Adam::new(&vars, 1e-2, 4)?;
+        let mut adam = Adam::new(&vars, 1e-2, 4, LrSchedule::Constant)?;
         let mut before = 0f32;
         for expected in [0.25, 0.5, 0.75, 1.0, 1.0] {
             adam.step(&vars, &grads)?;
@@ -393,5 +428,14 @@ mod tests {
             before = now;
         }
         Ok(())
+    }
+
+    #[test]
+    fn inverse_sqrt_halves_the_rate_at_four_times_the_warm_up() {
+        let rate = |step| LrSchedule::InverseSqrt.rate(1e-3, 100, step);
+        assert_eq!(rate(50), 5e-4);
+        assert_eq!(rate(100), 1e-3);
+        assert!((rate(400) - 5e-4).abs() < 1e-12);
+        assert_eq!(LrSchedule::Constant.rate(1e-3, 100, 400), 1e-3);
     }
 }

@@ -225,7 +225,8 @@ fn init_std(name: &str, cfg: &T5Config) -> Option<f64> {
     let f = cfg.initializer_factor;
     let (d_model, inner) = (cfg.d_model as f64, (cfg.num_heads * cfg.d_kv) as f64);
     let std = match name.rsplit('.').nth(1)? {
-        "shared" | "lm_head" => 1.0,
+        "shared" => 1.0,
+        "lm_head" => cfg.lm_head_init_std.unwrap_or(1.0),
         "q" => (d_model * cfg.d_kv as f64).powf(-0.5),
         "k" | "v" | "wi_0" | "wi_1" | "relative_attention_bias" => d_model.powf(-0.5),
         "o" => inner.powf(-0.5),
@@ -332,6 +333,9 @@ mod tests {
         assert_eq!(std("decoder.block.0.layer.2.DenseReluDense.wo.weight"), Some((512f64).powf(-0.5)));
         assert_eq!(std("encoder.final_layer_norm.weight"), None);
         assert_eq!(std("decoder.block.0.layer.2.layer_norm.weight"), None);
+        assert_eq!(std("lm_head.weight"), Some(1.0));
+        let mesh_tf = T5Config { lm_head_init_std: Some(0.0625), initializer_factor: 2.0, ..cfg };
+        assert_eq!(init_std("lm_head.weight", &mesh_tf), Some(0.125));
     }
 
     #[test]

@@ -170,3 +170,36 @@ fn a_rerun_reproduces_the_recorded_results_and_a_flipped_checkpoint_byte_is_caug
     let report = text(&out);
     assert!(report.contains("checkpoints/stage-01/model.safetensors") && report.contains("sha256"), "{report}");
 }
+
+#[test]
+fn every_experiment_config_loads() {
+    use sector::{config::Experiment, fewshot::FewShotConfig, pretrain::PretrainConfig};
+    let mut checked = 0;
+    for scale in std::fs::read_dir(root().join("experiments")).unwrap() {
+        let scale = scale.unwrap().path();
+        if !scale.is_dir() {
+            continue;
+        }
+        let sweep = scale.join("sweep");
+        let dirs = if sweep.is_dir() { vec![scale.clone(), sweep] } else { vec![scale.clone()] };
+        for dir in dirs {
+            for file in std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()) {
+                if file.extension().is_none_or(|e| e != "toml") {
+                    continue;
+                }
+                // A pretraining config has a [strings] table, a few-shot one [[models]].
+                let text = std::fs::read_to_string(&file).unwrap();
+                let loaded = if text.contains("\n[strings]") {
+                    PretrainConfig::load(&file).map(|_| ())
+                } else if text.contains("\n[[models]]") {
+                    FewShotConfig::load(&file).map(|_| ())
+                } else {
+                    Experiment::load(&file).map(|_| ())
+                };
+                loaded.unwrap_or_else(|e| panic!("{e}"));
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 3 * 8 + 13, "only {checked} configs found");
+}

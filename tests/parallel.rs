@@ -30,7 +30,7 @@ fn tiny_trainer(collective: Arc<dyn Collective>) -> Trainer {
         max_tokens_per_micro_batch: 40,
         dropout: false,
         seed: 3,
-        warmup_steps: 0,
+        ..TrainConfig::default()
     };
     let mut trainer = Trainer::new(model, config).unwrap();
     trainer.collective = collective;

@@ -16,7 +16,8 @@ fn tiny_trainer(seed: u64, lr: f64, batch_size: usize, dropout: bool) -> Trainer
     let mut cfg = T5Config::preset("cpu-tiny").unwrap();
     cfg.dropout_rate = 0.1;
     let model = Model::random(&cfg, seed, &Device::Cpu, DType::F32).unwrap();
-    let config = TrainConfig { lr, batch_size, max_tokens_per_micro_batch: 256, dropout, seed, warmup_steps: 0 };
+    let config =
+        TrainConfig { lr, batch_size, max_tokens_per_micro_batch: 256, dropout, seed, ..TrainConfig::default() };
     Trainer::new(model, config).unwrap()
 }
 
@@ -135,7 +136,7 @@ fn bf16_training_lowers_the_loss() {
         max_tokens_per_micro_batch: 256,
         dropout: false,
         seed: 1,
-        warmup_steps: 0,
+        ..TrainConfig::default()
     };
     let mut trainer = Trainer::new(model, config).unwrap();
     let data = copy_examples(128, 3);
