@@ -235,6 +235,13 @@ pub struct SupervisedSettings {
     pub generalise_threshold: f64,
     /// The last supervised stage when waiting for generalisation.
     pub max_digits: usize,
+    /// Another experiment's config (e.g. "experiments/cpu/main.toml") whose
+    /// supervised phase this run takes over instead of training it again:
+    /// its stages, datasets and last supervised checkpoint are copied from
+    /// RUNS_DIR/<its name>. For ablations of self-training; everything that
+    /// phase depends on (seed, model, train, task, supervised) must match.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
 }
 
 impl Default for SupervisedSettings {
@@ -247,6 +254,7 @@ impl Default for SupervisedSettings {
             start_self_training: StartSelfTraining::AfterDigits(6),
             generalise_threshold: 0.99,
             max_digits: 12,
+            from: None,
         }
     }
 }

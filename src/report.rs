@@ -479,7 +479,7 @@ fn emergence_table(paths: &Paths, artifact: &Artifact) -> Result<Vec<PathBuf>> {
     let mut rows = Vec::new();
     for experiment in artifact.experiments {
         let dir = paths.experiment(experiment);
-        let config = crate::config::Experiment::load(&dir.join(crate::sector::CONFIG_FILE))?;
+        let config = crate::config::Experiment::load(&dir.join(crate::files::CONFIG_FILE))?;
         // A pretraining config is read from the repository, where the run found it.
         let model_config = match &config.model.pretrain {
             Some(pretrain) => crate::pretrain::PretrainConfig::load(&paths.root.join(pretrain))?.model.preset_config(),

@@ -16,10 +16,10 @@
 
 use crate::analysis::{self, CARRIES_CSV, FINAL_CSV, VOTES_CSV};
 use crate::answer::{majority_vote, Solver, Trace};
-use crate::config::{Experiment, LabelMethod, StartSelfTraining};
+use crate::config::{Experiment, LabelMethod, StartSelfTraining, SupervisedSettings};
 use crate::error::{Error, Result};
 use crate::eval::{evaluate, summarize};
-use crate::files::{csv_bytes, read_csv, Manifest};
+use crate::files::{csv_bytes, read_csv, Manifest, CONFIG_FILE};
 use crate::memory::{device_capacity, MemoryPlan};
 use crate::model::select_device;
 use crate::parallel::{self, Collective};
@@ -40,7 +40,6 @@ use std::time::Instant;
 pub const STAGES_CSV: &str = "stages.csv";
 pub const ACCURACY_CSV: &str = "accuracy.csv";
 pub const GENERATION_CSV: &str = "generation.csv";
-pub use crate::files::CONFIG_FILE;
 
 /// Data sizes of PROTOCOL.md section 5, per stage, before `data_scale`.
 pub const SLOW_NEW: usize = 10_000;
@@ -271,6 +270,77 @@ fn twins_agree(problems: &[Problem], answers: &[Option<String>]) -> Vec<bool> {
         .collect()
 }
 
+/// Copies the supervised phase of the run of `parent_config` into the new
+/// run directory `dir` (config field `supervised.from`): its stage and
+/// accuracy rows, its datasets and its last supervised checkpoint, each file
+/// checked against the parent's manifest. stages.csv is written last, so a
+/// copy cut short is made again.
+fn take_supervised_phase(
+    experiment: &Experiment,
+    parent_config: &Path,
+    runs_root: &Path,
+    dir: &Path,
+    manifest: &mut Manifest,
+) -> Result<()> {
+    let refuse =
+        |problem: String| Err(Error::Config { path: dir.join(CONFIG_FILE), field: "supervised.from".into(), problem });
+    let parent = Experiment::load(parent_config)?;
+    let supervised = |e: &Experiment| SupervisedSettings { from: None, ..e.supervised.clone() };
+    for (section, same) in [
+        ("seed", parent.seed == experiment.seed),
+        ("model", parent.model == experiment.model),
+        ("train", parent.train == experiment.train),
+        ("task", parent.task == experiment.task),
+        ("supervised", supervised(&parent) == supervised(experiment)),
+    ] {
+        if !same {
+            return refuse(format!(
+                "names {}, whose {section} differs from this config's; only a supervised phase made the way this \
+                 run would make it can be taken over. Fix: make the two agree, or drop supervised.from",
+                parent_config.display()
+            ));
+        }
+    }
+    let parent_dir = runs_root.join(&parent.name);
+    let records: Vec<StageRecord> = read_csv(&parent_dir.join(STAGES_CSV))?;
+    let records: Vec<StageRecord> = records.into_iter().take_while(|r| r.phase == Phase::Supervised).collect();
+    let Some(last) = records.last().filter(|r| r.next_phase == Phase::SelfTraining).map(|r| r.stage) else {
+        return refuse(format!(
+            "names {}, but {} has not finished its supervised phase with a passed gate. Fix: run `sector run {}` \
+             first (with the same --runs-dir)",
+            parent_config.display(),
+            parent_dir.display(),
+            parent_config.display()
+        ));
+    };
+    let parent_manifest = Manifest::load(&parent_dir)?;
+    let checkpoint = format!("{}/", Run::checkpoint_name(last));
+    let mut files: Vec<String> = (1..=last).map(Run::data_file).collect();
+    files.extend(parent_manifest.entries.keys().filter(|name| name.starts_with(&checkpoint)).cloned());
+    std::fs::create_dir_all(dir.join(&checkpoint)).map_err(|e| Error::io(dir, e))?;
+    for name in files {
+        let bytes = crate::files::read(&parent_dir.join(&name))?;
+        parent_manifest.verify_bytes(&parent_dir, &name, &bytes)?;
+        manifest.write_file(dir, &name, &bytes)?;
+    }
+    let mut accuracy: Vec<AccuracyRecord> = read_csv(&parent_dir.join(ACCURACY_CSV))?;
+    accuracy.retain(|r| r.stage <= last);
+    for (name, bytes) in [
+        (ACCURACY_CSV, csv_bytes(&accuracy, &dir.join(ACCURACY_CSV))?),
+        (GENERATION_CSV, csv_bytes(&Vec::<GenerationRecord>::new(), &dir.join(GENERATION_CSV))?),
+        (STAGES_CSV, csv_bytes(&records, &dir.join(STAGES_CSV))?),
+    ] {
+        manifest.write_file(dir, name, &bytes)?;
+    }
+    manifest.save(dir)?;
+    crate::files::append_log(
+        dir,
+        &experiment.name,
+        &format!("took over stages 1..{last} (the supervised phase) from {}", parent_dir.display()),
+    );
+    Ok(())
+}
+
 impl<'a> Run<'a> {
     /// Opens (or creates) the run directory, refusing one made by another
     /// config; other ranks wait for rank 0 to do so, then read it.
@@ -283,8 +353,13 @@ impl<'a> Run<'a> {
         let dir = runs_root.join(&experiment.name);
         let writer = collective.rank() == 0;
         let opened = if writer {
-            let manifest = crate::files::open_run_dir(&dir, &experiment.name, &experiment.to_toml())?;
+            let mut manifest = crate::files::open_run_dir(&dir, &experiment.name, &experiment.to_toml())?;
             std::fs::create_dir_all(dir.join("data")).map_err(|e| Error::io(&dir, e))?;
+            if let Some(parent) = &experiment.supervised.from {
+                if read_csv::<StageRecord>(&dir.join(STAGES_CSV))?.is_empty() {
+                    take_supervised_phase(&experiment, Path::new(parent), runs_root, &dir, &mut manifest)?;
+                }
+            }
             Some(manifest)
         } else {
             None
@@ -312,7 +387,11 @@ impl<'a> Run<'a> {
     }
 
     fn checkpoint_dir(&self, stage: usize) -> PathBuf {
-        self.dir.join("checkpoints").join(format!("stage-{stage:02}"))
+        self.dir.join(Self::checkpoint_name(stage))
+    }
+
+    fn checkpoint_name(stage: usize) -> String {
+        format!("checkpoints/stage-{stage:02}")
     }
 
     fn data_file(stage: usize) -> String {

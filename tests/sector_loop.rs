@@ -211,3 +211,40 @@ fn a_run_directory_made_by_another_config_is_refused() {
     let err = run(experiment, runs.path(), &TrueOracle, Arc::new(SingleRank)).unwrap_err().to_string();
     assert!(err.contains("micro-main") && err.contains("another config") && err.contains("Fix"), "{err}");
 }
+
+#[test]
+fn an_ablation_takes_over_the_supervised_phase_and_refuses_a_different_one() {
+    let runs = tempfile::tempdir().unwrap();
+    let parent = reference_run().join("micro-main");
+    for file in files_under(&parent) {
+        let copy = runs.path().join("micro-main").join(file.strip_prefix(&parent).unwrap());
+        std::fs::create_dir_all(copy.parent().unwrap()).unwrap();
+        std::fs::copy(&file, copy).unwrap();
+    }
+    let mut ablation = micro();
+    ablation.name = "micro-no-commutativity".into();
+    ablation.supervised.from = Some(micro_config().display().to_string());
+    ablation.self_training.commutativity_check = false;
+
+    let mut different = ablation.clone();
+    different.name = "micro-other-lr".into();
+    different.train.lr *= 2.0;
+    let err = run(different, runs.path(), &TrueOracle, Arc::new(SingleRank)).unwrap_err().to_string();
+    assert!(err.contains("supervised.from") && err.contains("train differs"), "{err}");
+
+    let records = run(ablation, runs.path(), &TrueOracle, Arc::new(SingleRank)).unwrap();
+    let own = runs.path().join("micro-no-commutativity");
+    let parent_records: Vec<StageRecord> = read_csv(&parent.join("stages.csv")).unwrap();
+    // Stage 1 (supervised 1..3) is the parent's, row and files; stages 2 and 3 are its own.
+    assert_eq!(records[0], parent_records[0]);
+    assert_eq!(
+        records.iter().map(|r| (r.phase, r.digits)).collect::<Vec<_>>()[1..],
+        [(Phase::SelfTraining, 4), (Phase::SelfTraining, 5)]
+    );
+    for name in ["data/stage-01.csv", "checkpoints/stage-01/model.safetensors"] {
+        assert_eq!(sha256_file(&own.join(name)).unwrap(), sha256_file(&parent.join(name)).unwrap(), "{name}");
+    }
+    sector::files::Manifest::load(&own).unwrap().verify(&own).unwrap();
+    let log = std::fs::read_to_string(own.join("run.log")).unwrap();
+    assert!(log.contains("took over stages 1..1"), "{log}");
+}
