@@ -193,11 +193,21 @@ pub struct TaskSettings {
     pub slow_format: SlowFormat,
     /// Multiplies every data size of sections 5 and 6 (1 = the paper's).
     pub data_scale: f64,
+    /// String-skill examples of the pretraining (`model.pretrain`) added to
+    /// every stage's training, as a fraction of the stage's examples (0:
+    /// none). A CPU-scale deviation: pretrained ByT5 keeps what it knew while
+    /// it is fine-tuned; a small model forgets its stand-in pretraining.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub rehearsal: f64,
+}
+
+fn is_zero(value: &f64) -> bool {
+    *value == 0.0
 }
 
 impl Default for TaskSettings {
     fn default() -> Self {
-        TaskSettings { slow_format: SlowFormat::English, data_scale: 1.0 }
+        TaskSettings { slow_format: SlowFormat::English, data_scale: 1.0, rehearsal: 0.0 }
     }
 }
 
@@ -383,6 +393,10 @@ impl Experiment {
         if self.task.data_scale.is_nan() || self.task.data_scale <= 0.0 {
             return bad("task.data_scale", format!("is {}; it must be positive", self.task.data_scale));
         }
+        let rehearsal = self.task.rehearsal;
+        if rehearsal.is_nan() || rehearsal < 0.0 || (rehearsal > 0.0 && self.model.pretrain.is_none()) {
+            return bad("task.rehearsal", format!("is {rehearsal}; it must be 0, or positive with model.pretrain set"));
+        }
         if self.supervised.first_digits < 2 {
             return bad("supervised.first_digits", "must be at least 2 (slow steps need two digits)".into());
         }
@@ -480,6 +494,7 @@ mod tests {
                 "model.preset",
             ),
             ("name = \"x\"\n[supervised]\nfast_gate = 75", "supervised.fast_gate"),
+            ("name = \"x\"\n[task]\nrehearsal = 0.1", "task.rehearsal"),
             ("name = \"a b\"", "name"),
         ] {
             let message = parse(text).unwrap_err().to_string();

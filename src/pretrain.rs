@@ -157,6 +157,13 @@ impl PretrainConfig {
         Ok(config)
     }
 
+    /// `count` examples of every skill over the whole length range, for
+    /// rehearsal while the task is learned (`task.rehearsal`).
+    pub fn rehearsal_examples(&self, rng: &mut Pcg64, count: usize) -> Vec<Example> {
+        let examples = self.examples(rng, count, self.strings.max_digits, &HashSet::new());
+        examples.iter().map(|(_, input, target)| (encode(input), encode(target))).collect()
+    }
+
     /// `count` examples, skills in turn, numbers of lengths uniform in
     /// min_digits..=max_digits.
     fn examples(

@@ -59,6 +59,7 @@ mod streams {
     pub const CARRIES: u128 = 6;
     pub const VOTES: u128 = 7;
     pub const FINAL: u128 = 8;
+    pub const REHEARSAL: u128 = 9;
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -538,16 +539,28 @@ impl<'a> Run<'a> {
     }
 
     /// Trains epoch by epoch until the gate passes or `max_epochs` is
-    /// reached. Returns (epochs, gate fast, gate slow, passed).
+    /// reached, on `train` and the stage's rehearsal examples (`task.rehearsal`:
+    /// drawn from the stage's own stream, the same every epoch, and not in
+    /// the stage's dataset file, which holds the task's examples).
+    /// Returns (epochs, gate fast, gate slow, passed).
     fn train_until_gate(
         &self,
         trainer: &mut Trainer,
+        stage: usize,
         train: &[Example],
         gate: &[GateExample],
         thresholds: (f64, f64),
         label: &str,
     ) -> Result<(usize, f64, f64, bool)> {
         let t = &self.experiment.train;
+        let mut train = train.to_vec();
+        if let Some(pretrain) = self.experiment.model.pretrain.as_ref().filter(|_| self.experiment.task.rehearsal > 0.0)
+        {
+            let count = (self.experiment.task.rehearsal * train.len() as f64).round() as usize;
+            let config = crate::pretrain::PretrainConfig::load(Path::new(pretrain))?;
+            train.extend(config.rehearsal_examples(&mut self.rng(stage, streams::REHEARSAL), count));
+            self.log(&format!("{label}: {count} rehearsal examples of {pretrain}'s string skills"));
+        }
         let bar = self.on_rank_zero(ProgressBar::new((train.len() * t.max_epochs) as u64)).with_style(
             ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} examples, {per_sec}, ETA {eta}")
                 .expect("valid template"),
@@ -556,7 +569,7 @@ impl<'a> Run<'a> {
         for epoch in 1..=t.max_epochs {
             bar.set_message(format!("{label} epoch {epoch}/{}", t.max_epochs));
             let started = Instant::now();
-            let loss = trainer.epoch_with_progress(train, |examples, _| bar.inc(examples as u64))?;
+            let loss = trainer.epoch_with_progress(&train, |examples, _| bar.inc(examples as u64))?;
             // The gate is checked from min_epochs on.
             let gate_rates = if epoch < t.min_epochs { None } else { Some(self.gate_accuracy(trainer, gate)?) };
             let gate_text =
@@ -671,7 +684,7 @@ impl<'a> Run<'a> {
 
         let label = format!("stage {stage} supervised 1..{n}");
         let thresholds = (e.supervised.fast_gate, e.supervised.slow_gate);
-        let (epochs, fast, slow, passed) = self.train_until_gate(trainer, &train, &gate, thresholds, &label)?;
+        let (epochs, fast, slow, passed) = self.train_until_gate(trainer, stage, &train, &gate, thresholds, &label)?;
 
         // Figure 3: how the model does one length beyond, fast and slow.
         let mut rng = self.rng(stage, streams::NEXT_LENGTH);
@@ -775,7 +788,7 @@ impl<'a> Run<'a> {
         let script_examples = data.iter().filter(|r| r.split == Split::Train && r.origin == Origin::Script).count();
         let (epochs, gate_fast, gate_slow, passed) = if stop_reason.is_empty() {
             let thresholds = (e.supervised.fast_gate, e.supervised.slow_gate);
-            self.train_until_gate(trainer, &train, &gate, thresholds, &format!("stage {stage} self {m}"))?
+            self.train_until_gate(trainer, stage, &train, &gate, thresholds, &format!("stage {stage} self {m}"))?
         } else {
             (0, 0.0, 0.0, false)
         };

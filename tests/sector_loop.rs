@@ -248,3 +248,23 @@ fn an_ablation_takes_over_the_supervised_phase_and_refuses_a_different_one() {
     let log = std::fs::read_to_string(own.join("run.log")).unwrap();
     assert!(log.contains("took over stages 1..1"), "{log}");
 }
+
+#[test]
+fn rehearsal_trains_on_string_skills_beside_the_recorded_task_data() {
+    let runs = tempfile::tempdir().unwrap();
+    let mut rehearsing = micro();
+    rehearsing.task.rehearsal = 0.5;
+    rehearsing.self_training.last_digits = 3;
+    let records = run(rehearsing, runs.path(), &TrueOracle, Arc::new(SingleRank)).unwrap();
+    let own = runs.path().join("micro-main");
+    let reference = reference_run().join("micro-main");
+    // The stage's dataset is the task's alone; its training also saw half as many string-skill examples.
+    let stage_file = |dir: &Path, name: &str| sha256_file(&dir.join(name)).unwrap();
+    assert_eq!(stage_file(&own, "data/stage-01.csv"), stage_file(&reference, "data/stage-01.csv"));
+    let weights = "checkpoints/stage-01/model.safetensors";
+    assert_ne!(stage_file(&own, weights), stage_file(&reference, weights));
+    let log = std::fs::read_to_string(own.join("run.log")).unwrap();
+    let count = (0.5 * records[0].train_examples as f64).round();
+    let expected = format!("{count} rehearsal examples of experiments/micro/pretrain.toml");
+    assert!(log.contains(&expected), "{expected} not in {log}");
+}
