@@ -271,6 +271,25 @@ fn twins_agree(problems: &[Problem], answers: &[Option<String>]) -> Vec<bool> {
         .collect()
 }
 
+/// Writes the results CSVs (accuracy, generation, stages; stages last, since
+/// its rows say which stages are finished) and saves the manifest.
+fn write_results(
+    manifest: &mut Manifest,
+    dir: &Path,
+    accuracy: &[AccuracyRecord],
+    generation: &[GenerationRecord],
+    records: &[StageRecord],
+) -> Result<()> {
+    for (name, bytes) in [
+        (ACCURACY_CSV, csv_bytes(accuracy, &dir.join(ACCURACY_CSV))?),
+        (GENERATION_CSV, csv_bytes(generation, &dir.join(GENERATION_CSV))?),
+        (STAGES_CSV, csv_bytes(records, &dir.join(STAGES_CSV))?),
+    ] {
+        manifest.write_file(dir, name, &bytes)?;
+    }
+    manifest.save(dir)
+}
+
 /// Copies the supervised phase of the run of `parent_config` into the new
 /// run directory `dir` (config field `supervised.from`): its stage and
 /// accuracy rows, its datasets and its last supervised checkpoint, each file
@@ -326,14 +345,7 @@ fn take_supervised_phase(
     }
     let mut accuracy: Vec<AccuracyRecord> = read_csv(&parent_dir.join(ACCURACY_CSV))?;
     accuracy.retain(|r| r.stage <= last);
-    for (name, bytes) in [
-        (ACCURACY_CSV, csv_bytes(&accuracy, &dir.join(ACCURACY_CSV))?),
-        (GENERATION_CSV, csv_bytes(&Vec::<GenerationRecord>::new(), &dir.join(GENERATION_CSV))?),
-        (STAGES_CSV, csv_bytes(&records, &dir.join(STAGES_CSV))?),
-    ] {
-        manifest.write_file(dir, name, &bytes)?;
-    }
-    manifest.save(dir)?;
+    write_results(manifest, dir, &accuracy, &[], &records)?;
     crate::files::append_log(
         dir,
         &experiment.name,
@@ -553,14 +565,18 @@ impl<'a> Run<'a> {
         label: &str,
     ) -> Result<(usize, f64, f64, bool)> {
         let t = &self.experiment.train;
-        let mut train = train.to_vec();
-        if let Some(pretrain) = self.experiment.model.pretrain.as_ref().filter(|_| self.experiment.task.rehearsal > 0.0)
-        {
-            let count = (self.experiment.task.rehearsal * train.len() as f64).round() as usize;
-            let config = crate::pretrain::PretrainConfig::load(Path::new(pretrain))?;
-            train.extend(config.rehearsal_examples(&mut self.rng(stage, streams::REHEARSAL), count));
-            self.log(&format!("{label}: {count} rehearsal examples of {pretrain}'s string skills"));
-        }
+        let rehearsed: Vec<Example>;
+        let train = match self.experiment.model.pretrain.as_ref().filter(|_| self.experiment.task.rehearsal > 0.0) {
+            None => train,
+            Some(pretrain) => {
+                let count = (self.experiment.task.rehearsal * train.len() as f64).round() as usize;
+                let config = crate::pretrain::PretrainConfig::load(Path::new(pretrain))?;
+                let extra = config.rehearsal_examples(&mut self.rng(stage, streams::REHEARSAL), count);
+                self.log(&format!("{label}: {count} rehearsal examples of {pretrain}'s string skills"));
+                rehearsed = [train, extra.as_slice()].concat();
+                &rehearsed
+            }
+        };
         let bar = self.on_rank_zero(ProgressBar::new((train.len() * t.max_epochs) as u64)).with_style(
             ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} examples, {per_sec}, ETA {eta}")
                 .expect("valid template"),
@@ -569,7 +585,7 @@ impl<'a> Run<'a> {
         for epoch in 1..=t.max_epochs {
             bar.set_message(format!("{label} epoch {epoch}/{}", t.max_epochs));
             let started = Instant::now();
-            let loss = trainer.epoch_with_progress(&train, |examples, _| bar.inc(examples as u64))?;
+            let loss = trainer.epoch_with_progress(train, |examples, _| bar.inc(examples as u64))?;
             // The gate is checked from min_epochs on.
             let gate_rates = if epoch < t.min_epochs { None } else { Some(self.gate_accuracy(trainer, gate)?) };
             let gate_text =
@@ -1069,14 +1085,7 @@ impl<'a> Run<'a> {
         trainer.save(&checkpoint)?;
         let prefix = checkpoint.strip_prefix(&self.dir).expect("inside the run").display().to_string();
         self.manifest.add_checkpoint(&self.dir, &prefix)?;
-        for (name, bytes) in [
-            (ACCURACY_CSV, csv_bytes(&self.accuracy, &self.dir.join(ACCURACY_CSV))?),
-            (GENERATION_CSV, csv_bytes(&self.generation, &self.dir.join(GENERATION_CSV))?),
-            (STAGES_CSV, csv_bytes(&self.records, &self.dir.join(STAGES_CSV))?),
-        ] {
-            self.manifest.write_file(&self.dir, name, &bytes)?;
-        }
-        self.manifest.save(&self.dir)
+        write_results(&mut self.manifest, &self.dir, &self.accuracy, &self.generation, &self.records)
     }
 }
 
