@@ -113,15 +113,20 @@ all: $(ARTIFACTS)  ## every table and figure (rendering recorded results: 0.6 s;
 $(RESULTS)/table2/manifest.sha256: | build
 	$(RUN_ENV) $(SECTOR) fewshot experiments/$(SCALE)/table2.toml --runs-dir $(RUNS) --device $(DEVICE) --record $(RESULTS)/table2
 
-# Pretraining (micro and CPU scale: src/pretrain.rs) comes first; a run that
-# starts from a pretrained checkpoint would also make it itself.
+# Pretraining (micro and CPU scale: src/pretrain.rs) comes first for the
+# runs whose config names one (model.pretrain), so that it is recorded too;
+# a run would also make it itself. Runs from random weights do not wait.
 PRETRAINED := $(patsubst experiments/$(SCALE)/%.toml,$(RESULTS)/%/manifest.sha256,\
 	$(wildcard experiments/$(SCALE)/pretrain*.toml))
+FROM_PRETRAINED := $(patsubst experiments/$(SCALE)/%.toml,$(RESULTS)/%/manifest.sha256,\
+	$(shell grep -l '^pretrain *=' experiments/$(SCALE)/*.toml 2>/dev/null))
 
 $(PRETRAINED): $(RESULTS)/%/manifest.sha256: | build
 	$(RUN_ENV) $(SECTOR) pretrain experiments/$(SCALE)/$*.toml --runs-dir $(RUNS) --device $(DEVICE) --record $(RESULTS)/$*
 
-$(RESULTS)/%/manifest.sha256: | build $(PRETRAINED)
+$(FROM_PRETRAINED): | $(PRETRAINED)
+
+$(RESULTS)/%/manifest.sha256: | build
 	$(RUN_ENV) $(SECTOR) run experiments/$(SCALE)/$*.toml --runs-dir $(RUNS) --device $(DEVICE) --gpus $(GPUS) --record $(RESULTS)/$*
 
 verify: build  ## recompute every recorded hash; reruns in runs/ are checked against the recorded run manifests
