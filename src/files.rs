@@ -15,6 +15,8 @@ pub const MANIFEST: &str = "manifest.sha256";
 /// The config a run directory was made by.
 pub const CONFIG_FILE: &str = "config.toml";
 const LOG_FILE: &str = "run.log";
+/// Held (flock) by the process writing a run directory; never in a manifest.
+const LOCK_FILE: &str = ".lock";
 
 /// Writes `bytes` to a temporary file beside `path`, syncs it, then renames
 /// it over `path`.
@@ -139,10 +141,19 @@ impl Manifest {
     }
 }
 
+/// A run directory held by this process: two processes writing one run
+/// (say `make` and a run that makes its pretraining itself) would interleave
+/// their checkpoints. The operating system drops the lock when the process
+/// ends, however it ends, so a killed run leaves nothing to clean up.
+pub struct RunLock {
+    _file: std::fs::File,
+}
+
 /// Creates (or reopens) a run directory made by the config whose canonical
-/// text is `canonical`, refusing one made by another config, and stores the
-/// config as config.toml. Returns the directory's manifest.
-pub fn open_run_dir(dir: &Path, name: &str, canonical: &str) -> Result<Manifest> {
+/// text is `canonical`, refusing one made by another config or in use by
+/// another process, and stores the config as config.toml. Returns the
+/// directory's manifest and the lock to hold while writing to it.
+pub fn open_run_dir(dir: &Path, name: &str, canonical: &str) -> Result<(Manifest, RunLock)> {
     let config_path = dir.join(CONFIG_FILE);
     if config_path.exists() {
         let stored = String::from_utf8_lossy(&read(&config_path)?).into_owned();
@@ -158,9 +169,21 @@ pub fn open_run_dir(dir: &Path, name: &str, canonical: &str) -> Result<Manifest>
         }
     }
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let lock_path = dir.join(LOCK_FILE);
+    let lock = std::fs::File::create(&lock_path).map_err(|e| Error::io(&lock_path, e))?;
+    if let Err(e) = lock.try_lock() {
+        return Err(match e {
+            std::fs::TryLockError::WouldBlock => Error::format(
+                dir,
+                "is in use by another sector process (it holds .lock). Fix: wait for that run to finish or \
+                 stop it, then run again; the run resumes after its last finished stage",
+            ),
+            std::fs::TryLockError::Error(e) => Error::io(&lock_path, e),
+        });
+    }
     let mut manifest = Manifest::load_or_default(dir)?;
     manifest.write_file(dir, CONFIG_FILE, canonical.as_bytes())?;
-    Ok(manifest)
+    Ok((manifest, RunLock { _file: lock }))
 }
 
 /// Appends a line to the run's log (and prints it, labelled with the run's name).
@@ -262,6 +285,19 @@ mod tests {
         assert_eq!(problems.len(), 2, "{problems:?}");
         assert!(problems[0].starts_with("missing") && problems[0].contains("a.txt"), "{problems:?}");
         assert!(problems[1].starts_with("changed") && problems[1].contains("c.txt"), "{problems:?}");
+        Ok(())
+    }
+
+    #[test]
+    fn a_run_dir_in_use_is_refused_until_its_holder_lets_go() -> Result<()> {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("run");
+        let (_, held) = open_run_dir(&dir, "run", "name = \"run\"\n")?;
+        let err = open_run_dir(&dir, "run", "name = \"run\"\n").err().expect("a second writer is refused");
+        assert!(err.to_string().contains("in use by another sector process"), "{err}");
+        drop(held);
+        let (manifest, _) = open_run_dir(&dir, "run", "name = \"run\"\n")?;
+        assert!(manifest.entries.contains_key(CONFIG_FILE) && !manifest.entries.contains_key(LOCK_FILE));
         Ok(())
     }
 

@@ -193,7 +193,7 @@ impl PretrainConfig {
 pub fn run_into(config: &PretrainConfig, runs_root: &Path) -> Result<PathBuf> {
     let dir = runs_root.join(&config.name);
     let canonical = toml::to_string(config).expect("a pretraining config serialises");
-    let mut manifest = crate::files::open_run_dir(&dir, &config.name, &canonical)?;
+    let (mut manifest, _lock) = crate::files::open_run_dir(&dir, &config.name, &canonical)?;
     let checkpoint = dir.join(CHECKPOINT_DIR);
     let device = select_device(&config.model.device)?;
     let mut records: Vec<PretrainRecord> = read_csv(&dir.join(PRETRAIN_CSV))?;

@@ -19,7 +19,7 @@ use crate::answer::{majority_vote, Solver, Trace};
 use crate::config::{Experiment, LabelMethod, StartSelfTraining, SupervisedSettings};
 use crate::error::{Error, Result};
 use crate::eval::{evaluate, summarize};
-use crate::files::{csv_bytes, read_csv, Manifest, CONFIG_FILE};
+use crate::files::{csv_bytes, read_csv, Manifest, RunLock, CONFIG_FILE};
 use crate::memory::{device_capacity, MemoryPlan};
 use crate::model::select_device;
 use crate::parallel::{self, Collective};
@@ -215,6 +215,8 @@ pub struct Run<'a> {
     manifest: Manifest,
     /// The ranks of a data-parallel run; rank 0 alone writes to `dir`.
     collective: Arc<dyn Collective>,
+    /// Rank 0's hold on `dir` while the run lives.
+    _lock: Option<RunLock>,
 }
 
 /// Runs an experiment to its end, resuming from its run directory under
@@ -366,21 +368,21 @@ impl<'a> Run<'a> {
         let dir = runs_root.join(&experiment.name);
         let writer = collective.rank() == 0;
         let opened = if writer {
-            let mut manifest = crate::files::open_run_dir(&dir, &experiment.name, &experiment.to_toml())?;
+            let (mut manifest, lock) = crate::files::open_run_dir(&dir, &experiment.name, &experiment.to_toml())?;
             std::fs::create_dir_all(dir.join("data")).map_err(|e| Error::io(&dir, e))?;
             if let Some(parent) = &experiment.supervised.from {
                 if read_csv::<StageRecord>(&dir.join(STAGES_CSV))?.is_empty() {
                     take_supervised_phase(&experiment, Path::new(parent), runs_root, &dir, &mut manifest)?;
                 }
             }
-            Some(manifest)
+            Some((manifest, lock))
         } else {
             None
         };
         parallel::barrier(collective.as_ref())?;
-        let manifest = match opened {
-            Some(manifest) => manifest,
-            None => Manifest::load_or_default(&dir)?,
+        let (manifest, lock) = match opened {
+            Some((manifest, lock)) => (manifest, Some(lock)),
+            None => (Manifest::load_or_default(&dir)?, None),
         };
         let records: Vec<StageRecord> = read_csv(&dir.join(STAGES_CSV))?;
         let finished = records.len();
@@ -391,8 +393,19 @@ impl<'a> Run<'a> {
         generation.retain(|r| r.stage <= finished);
         let device = select_device(&experiment.model.device)?;
         let runs_root = runs_root.to_path_buf();
-        let run =
-            Run { experiment, dir, runs_root, oracle, device, records, accuracy, generation, manifest, collective };
+        let run = Run {
+            experiment,
+            dir,
+            runs_root,
+            oracle,
+            device,
+            records,
+            accuracy,
+            generation,
+            manifest,
+            collective,
+            _lock: lock,
+        };
         if finished > 0 {
             run.log(&format!("resuming after stage {finished}"));
         }
