@@ -243,7 +243,8 @@ pub struct SupervisedSettings {
     pub start_self_training: StartSelfTraining,
     /// Slow exact match on N+1 digits that counts as generalising.
     pub generalise_threshold: f64,
-    /// The last supervised stage when waiting for generalisation.
+    /// The last supervised stage when waiting for generalisation; self-training
+    /// starts after it even if slow has not generalised (PROTOCOL.md section 5).
     pub max_digits: usize,
     /// Another experiment's config (e.g. "experiments/cpu/main.toml") whose
     /// supervised phase this run takes over instead of training it again:

@@ -732,11 +732,13 @@ impl<'a> Run<'a> {
         let (next_phase, next_digits, stop_reason) = match e.supervised.start_self_training {
             _ if !passed => (Phase::Stop, 0, format!("supervised stage {n} did not pass its gate in {epochs} epochs")),
             StartSelfTraining::AfterDigits(last) if n >= last => (Phase::SelfTraining, n + 1, String::new()),
-            StartSelfTraining::When(_) if next_slow >= e.supervised.generalise_threshold => {
+            // PROTOCOL.md section 5: the phase ends when slow generalises or
+            // at the configured digit; self-training then finds out for itself
+            // whether its labels pass the checks.
+            StartSelfTraining::When(_)
+                if next_slow >= e.supervised.generalise_threshold || n >= e.supervised.max_digits =>
+            {
                 (Phase::SelfTraining, n + 1, String::new())
-            }
-            StartSelfTraining::When(_) if n >= e.supervised.max_digits => {
-                (Phase::Stop, 0, format!("slow did not generalise to {} digits by supervised.max_digits", n + 1))
             }
             _ => (Phase::Supervised, n + 1, String::new()),
         };
