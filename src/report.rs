@@ -378,13 +378,12 @@ fn final_accuracy_table(paths: &Paths, artifact: &Artifact) -> Result<Vec<PathBu
             ]
         })
         .collect();
+    let self_taught =
+        if s.supervised { "none self-taught".to_string() } else { format!("self-taught to {} digits", s.digits) };
     Table {
         title: format!("{}: fast accuracy of the final checkpoint by length ({})", artifact.name, paths.label()),
         notes: vec![
-            format!(
-                "Ours: stage {last}, supervised 1..{cap}, self-taught to {} digits. Paper ({paper_model}): {paper_run}.",
-                s.digits
-            ),
+            format!("Ours: stage {last}, supervised 1..{cap}, {self_taught}. Paper ({paper_model}): {paper_run}."),
             "Accuracy in % of the problems per length; the paper's column is its own table at the same length.".into(),
         ],
         header: vec!["length".into(), "problems".into(), "ours fast %".into(), format!("paper {paper_model} %")],
@@ -664,12 +663,19 @@ enum Column {
 
 fn stage_grid_figure(paths: &Paths, name: &str, experiment: &str, columns: &[Column]) -> Result<Vec<PathBuf>> {
     let dir = paths.experiment(experiment);
-    let stages = read_stages(&dir)?;
+    // A stage that ended before training (its labels failed the checks) was
+    // never evaluated: it gets no row, rather than a row of zeros.
+    let mut evaluated = Vec::new();
+    for s in read_stages(&dir)? {
+        let by_length = read_accuracy(&dir, s.stage)?;
+        if !by_length.is_empty() {
+            evaluated.push((s, by_length));
+        }
+    }
     let mut panels = Vec::new();
     for &column in columns {
         let mut rows = Vec::new();
-        for s in &stages {
-            let by_length = read_accuracy(&dir, s.stage)?;
+        for (s, by_length) in &evaluated {
             let longest = by_length.iter().map(|r| r.0).max().unwrap_or(0);
             let cells = (1..=longest)
                 .map(|l| {
@@ -688,7 +694,7 @@ fn stage_grid_figure(paths: &Paths, name: &str, experiment: &str, columns: &[Col
         };
         panels.push(Panel::Grid(Grid { title: title.into(), color, rows }));
     }
-    let height = 160 + 22 * stages.len() as u32;
+    let height = 160 + 22 * evaluated.len() as u32;
     let width = 700 * columns.len() as u32;
     figure(paths, name, &format!("accuracy by stage and length, {experiment} run"), panels, (width, height.max(400)))
 }
