@@ -28,7 +28,7 @@ RESULTS := results/$(SCALE)
 THREADS_cpu := 1
 RUN_ENV := $(if $(THREADS_$(SCALE)),RAYON_NUM_THREADS=$(THREADS_$(SCALE)))
 
-.PHONY: help build test lint bench bench-peer demo run all verify check-cuda cost
+.PHONY: help build test lint bench bench-peer demo main run all verify check-cuda cost
 
 help:  ## list the targets (times: measured at micro scale here; REPRODUCE.md has the rest)
 	@grep -E '^[a-z0-9 -]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 22
@@ -51,6 +51,11 @@ check-cuda:  ## compile the CUDA and NCCL builds here (installs CUDA 11.8 and NC
 
 demo: build  ## the SECToR loop end to end on experiments/micro/main.toml (machinery only: gates at 0)
 	$(SECTOR) run experiments/micro/main.toml --runs-dir $(RUNS)
+
+main: build  ## the main job: rerun the reference experiment of SCALE (cpu: about an hour) into runs/, then check it against the recorded run
+	$(RUN_ENV) $(SECTOR) run experiments/$(SCALE)/main.toml --runs-dir $(RUNS) --device $(DEVICE) --gpus $(GPUS)
+	$(SECTOR) verify $(RUNS)/$(SCALE)-main --against $(RESULTS)/main/run-manifest.sha256 || \
+	  (echo "Supervised datasets match on any machine; checkpoints and self-generated data only on the machine type and thread count that recorded them (REPRODUCE.md, 'Hashes')."; exit 1)
 
 run: build  ## run (or resume) an experiment: make run CONFIG=experiments/NAME.toml [GPUS=8 FEATURES=nccl]
 	$(SECTOR) run $(CONFIG) --runs-dir $(RUNS) --gpus $(GPUS)

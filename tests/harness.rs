@@ -160,6 +160,18 @@ fn a_rerun_reproduces_the_recorded_results_and_a_flipped_checkpoint_byte_is_caug
         std::fs::read_to_string(root().join(table)).unwrap()
     );
 
+    // Against the recording, the rerun is held to its datasets and
+    // checkpoints: its stages.csv (wall times) is not compared, its datasets
+    // match. Checkpoints match only on the recording's machine type, so a
+    // mismatch there is allowed here.
+    let recorded_manifest = recorded.join("run-manifest.sha256");
+    let out = sector(&["verify", run.to_str().unwrap(), "--against", recorded_manifest.to_str().unwrap()]);
+    let report = text(&out);
+    let mismatches: Vec<&str> =
+        report.lines().filter(|l| l.starts_with("missing") || l.starts_with("changed")).collect();
+    assert!(mismatches.iter().all(|l| l.contains("/checkpoints/stage-")), "{report}");
+    assert!(report.contains("files match"), "{report}");
+
     // A flipped byte in a checkpoint is named by `sector verify`.
     let out = sector(&["verify", run.to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out));
