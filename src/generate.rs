@@ -30,7 +30,11 @@ pub fn greedy(model: &T5, inputs: &[Vec<u32>], opts: GreedyOptions) -> Result<Ve
         return Ok(outputs);
     }
     let input = pad_batch(inputs, device)?;
-    let encoded = model.encode(&input.ids, &input.mask, &mut Dropout::off())?;
+    // Detached: the weights are training variables, so the encoder's output
+    // would otherwise keep every intermediate of its graph alive while
+    // decoding runs (peak 1.59 -> 1.48 GB for cpu-medium on 16 ten-shot
+    // prompts; the peak itself is the encoder's graph, built with tracking).
+    let encoded = model.encode(&input.ids, &input.mask, &mut Dropout::off())?.detach();
     let mut state = model.start_decoder(&encoded, &input.mask, true)?;
     // Rows still decoding (indices into `outputs`) and their next input token.
     let mut active: Vec<usize> = (0..inputs.len()).collect();
