@@ -539,7 +539,7 @@ fn control_table(paths: &Paths) -> Result<Vec<PathBuf>> {
     Table {
         title: format!("control: supervised 1..5, then self-training ({})", paths.label()),
         notes: vec![
-            format!("Ours: self-taught up to {} digits.", last.map_or("no".into(), |d| d.to_string())),
+            last.map_or("Ours: no length self-taught.".into(), |d| format!("Ours: self-taught up to {d} digits.")),
             "Paper: supervised 1..5, self-training 6..21.".into(),
         ],
         header: ["stage", "phase", "digits", "passed", "accepted/generated", "audited error % (fast)", "stop"]
