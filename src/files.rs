@@ -16,7 +16,7 @@ pub const MANIFEST: &str = "manifest.sha256";
 pub const CONFIG_FILE: &str = "config.toml";
 const LOG_FILE: &str = "run.log";
 /// Held (flock) by the process writing a run directory; never in a manifest.
-const LOCK_FILE: &str = ".lock";
+pub const LOCK_FILE: &str = ".lock";
 
 /// Writes `bytes` to a temporary file beside `path`, syncs it, then renames
 /// it over `path`.
