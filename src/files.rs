@@ -175,8 +175,10 @@ pub fn open_run_dir(dir: &Path, name: &str, canonical: &str) -> Result<(Manifest
         return Err(match e {
             std::fs::TryLockError::WouldBlock => Error::format(
                 dir,
-                "is in use by another sector process (it holds .lock). Fix: wait for that run to finish or \
-                 stop it, then run again; the run resumes after its last finished stage",
+                format!(
+                    "is in use by another sector process (it holds {LOCK_FILE}). Fix: wait for that run to \
+                     finish or stop it, then run again; the run resumes after its last finished stage"
+                ),
             ),
             std::fs::TryLockError::Error(e) => Error::io(&lock_path, e),
         });
