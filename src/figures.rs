@@ -254,6 +254,9 @@ fn shade(color: RGBColor, value: f64) -> RGBColor {
     RGBColor(mix(color.0), mix(color.1), mix(color.2))
 }
 
+/// The fill of a grid cell that was not evaluated.
+const NOT_EVALUATED: RGBColor = RGBColor(215, 215, 215);
+
 fn draw_grid<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, p: &Grid) -> DrawResult
 where
     DB::ErrorType: 'static,
@@ -263,6 +266,7 @@ where
     let mut chart = ChartBuilder::on(area)
         .caption(&p.title, ("sans-serif", 15))
         .margin(12)
+        .margin_bottom(36)
         .x_label_area_size(40)
         .y_label_area_size(80)
         .build_cartesian_2d(0.5f64..columns as f64 + 0.5, 0f64..rows as f64)?;
@@ -281,7 +285,7 @@ where
         let y = (rows - 1 - i) as f64;
         for (j, value) in row.cells.iter().enumerate() {
             let x = (j + 1) as f64;
-            let fill = value.map_or(RGBColor(215, 215, 215), |v| shade(p.color, v));
+            let fill = value.map_or(NOT_EVALUATED, |v| shade(p.color, v));
             chart.draw_series([Rectangle::new([(x - 0.5, y), (x + 0.5, y + 1.0)], fill.filled())])?;
         }
         let x = row.trained as f64;
@@ -289,6 +293,22 @@ where
         let (left, middle) = chart.backend_coord(&(0.5, y + 0.5));
         area.draw_text(&row.label, &label_style, (left - base_x - 75, middle - base_y - 6))?;
     }
+    // The key, in the bottom margin: accuracy from 0 to 100 %, the fill of a
+    // cell not evaluated, and the outline of the length a row was trained up to.
+    let top = area.dim_in_pixel().1 as i32 - 22;
+    let key = |x: i32, style: ShapeStyle, text: &str| -> DrawResult {
+        area.draw(&Rectangle::new([(x, top), (x + 14, top + 14)], style))?;
+        area.draw_text(text, &label_style, (x + 18, top + 1))?;
+        Ok(())
+    };
+    let mut x = 80;
+    for accuracy in [0.0, 0.25, 0.5, 0.75, 1.0] {
+        key(x, shade(p.color, accuracy).filled(), &format!("{:.0} %", 100.0 * accuracy))?;
+        key(x, palette::GREY.stroke_width(1), "")?;
+        x += 64;
+    }
+    key(x, NOT_EVALUATED.filled(), "not evaluated")?;
+    key(x + 110, BLACK.stroke_width(2), "trained up to")?;
     Ok(())
 }
 
