@@ -215,7 +215,8 @@ where
         .disable_x_mesh()
         .x_labels(0)
         .y_desc(&p.y_label)
-        .y_label_formatter(&|y| format!("{:.0} %", 100.0 * y))
+        // Above 100 % is room for the legend and the bars' labels, not a scale.
+        .y_label_formatter(&|y| if *y > 1.0 + 1e-9 { String::new() } else { format!("{:.0} %", 100.0 * y) })
         .light_line_style(WHITE)
         .draw()?;
     let mut x = 0.5;
