@@ -495,9 +495,16 @@ fn emergence_table(paths: &Paths, artifact: &Artifact) -> Result<Vec<PathBuf>> {
         let examples: usize =
             supervised[..emerged.map_or(supervised.len(), |i| i + 1)].iter().map(|s| s.consumed).sum();
         let best = supervised.iter().filter_map(|s| s.next_slow).fold(0.0, f64::max);
+        // A size that never learns its first stage is a different failure from
+        // one that learns every stage and still does not generalise.
+        let learned = match supervised.iter().filter(|s| s.passed).map(|s| s.digits).max() {
+            Some(digits) => format!("1..{digits}"),
+            None => format!("none (1..{} failed its gate)", supervised.first().map_or(0, |s| s.digits)),
+        };
         rows.push(vec![
             experiment.to_string(),
             size,
+            learned,
             emerged.map_or("not within the run".into(), |i| format!("1..{}", supervised[i].digits)),
             examples.to_string(),
             percent(best),
@@ -510,7 +517,7 @@ fn emergence_table(paths: &Paths, artifact: &Artifact) -> Result<Vec<PathBuf>> {
                 .into(),
             "Paper: 582M after 1..6 with about 0.5M examples; 300M after 1..8 with almost 4M.".into(),
         ],
-        header: ["experiment", "parameters", "generalised after", "examples consumed", "best slow % on N+1"]
+        header: ["experiment", "parameters", "learned", "generalised after", "examples consumed", "best slow % on N+1"]
             .map(String::from)
             .to_vec(),
         rows,
