@@ -30,7 +30,7 @@ RUN_ENV := $(if $(THREADS_$(SCALE)),RAYON_NUM_THREADS=$(THREADS_$(SCALE)))
 
 .PHONY: help build test lint bench bench-peer demo main run all verify check-cuda cost
 
-help:  ## list the targets (times: measured at micro scale here; REPRODUCE.md has the rest)
+help:  ## list the targets (an artifact renders in under a second; the times are of its experiment, run only if unrecorded: micro and cpu measured here, paper the floor `make cost` estimates)
 	@grep -E '^[a-z0-9 -]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 22
 
 build:  ## release build of the sector binary
@@ -78,8 +78,8 @@ bench: build bench-peer  ## sector vs PyTorch + transformers, interleaved per ca
 # --- The paper's artifacts -------------------------------------------------
 # A table or figure renders from the recorded CSVs under results/$(SCALE)/
 # (seconds); the experiment behind it runs (or resumes) only when its
-# recorded results are missing. The times in `make help` were measured at
-# micro scale; REPRODUCE.md ("The artifacts") has the other scales.
+# recorded results are missing. The times in `make help` are those of the
+# experiments (REPRODUCE.md, "The artifacts", says how each was measured).
 
 ARTIFACTS := table1 table2 table3 fig3 fig4 fig5 fig6 fig7 fig8 fig9 fig10 fig11 \
 	ablation-curriculum emergence control
@@ -92,9 +92,9 @@ ablation-curriculum: $(RESULTS)/main/manifest.sha256 $(RESULTS)/ablation-curricu
 emergence: $(RESULTS)/emergence-1/manifest.sha256 $(RESULTS)/emergence-2/manifest.sha256 $(RESULTS)/emergence-3/manifest.sha256
 control: $(RESULTS)/control/manifest.sha256
 
-table1:  ## final checkpoint, fast accuracy by length (micro 8 s; cpu and paper: REPRODUCE.md)
-table2:  ## models out of the box, 10-shot (micro 0.1 s)
-table3:  ## second run final checkpoint (micro 7 s)
+table1:  ## final checkpoint, fast accuracy by length (main: micro 8 s, cpu 55 min, paper >= 5.8 h on 8 V100)
+table2:  ## models out of the box, 10-shot (micro 0.1 s; cpu and paper not timed)
+table3:  ## second run final checkpoint (second: micro 7 s, cpu 35 min, paper >= 3.0 h on 8 V100)
 fig3:  ## N+1 generalisation, fast vs slow (main run)
 fig4:  ## simplify-then-guess traced (main run)
 fig5:  ## error rate of generated data by method (main run)
@@ -104,14 +104,14 @@ fig8:  ## second run, chain of thought
 fig9:  ## accuracy against carries (main run)
 fig10:  ## examples generated and consumed (main run)
 fig11:  ## examples generated and consumed (second run)
-ablation-curriculum:  ## one supervised stage vs the curriculum (micro 7 s + main)
-emergence:  ## supervised length needed per model size (micro 44 s)
-control:  ## supervised 1..5 then self-training (micro 8 s)
+ablation-curriculum:  ## one supervised stage vs the curriculum (micro 7 s, cpu 34 min, paper >= 0.1 h; + main)
+emergence:  ## supervised length needed per model size (micro 44 s, cpu 105 min, paper >= 4.6 h on 8 V100)
+control:  ## supervised 1..5 then self-training (micro 8 s, cpu 30 min, paper >= 2.9 h on 8 V100)
 
 $(ARTIFACTS): | build
 	$(SECTOR) render $@ --scale $(SCALE)
 
-all: $(ARTIFACTS)  ## every table and figure (rendering recorded results: 0.6 s; micro from nothing: 70 s)
+all: $(ARTIFACTS)  ## every table and figure (rendering recorded results: micro 0.6 s, cpu 0.3 s; micro from nothing: 70 s)
 
 # Run (or resume) an experiment and record its results. Order-only on the
 # binary: a rebuild does not make recorded results stale.
