@@ -93,7 +93,7 @@ emergence: $(RESULTS)/emergence-1/manifest.sha256 $(RESULTS)/emergence-2/manifes
 control: $(RESULTS)/control/manifest.sha256
 
 table1:  ## final checkpoint, fast accuracy by length (main: micro 8 s, cpu 55 min, paper >= 5.8 h on 8 V100)
-table2:  ## models out of the box, 10-shot (micro 0.1 s; cpu and paper not timed)
+table2:  ## models out of the box, 10-shot (micro 0.1 s, cpu 8 min; paper not estimated)
 table3:  ## second run final checkpoint (second: micro 7 s, cpu 35 min, paper >= 3.0 h on 8 V100)
 fig3:  ## N+1 generalisation, fast vs slow (main run)
 fig4:  ## simplify-then-guess traced (main run)
