@@ -297,19 +297,22 @@ where
     // The key, in the bottom margin: accuracy from 0 to 100 %, the fill of a
     // cell not evaluated, and the outline of the length a row was trained up to.
     let top = area.dim_in_pixel().1 as i32 - 22;
-    let key = |x: i32, style: ShapeStyle, text: &str| -> DrawResult {
-        area.draw(&Rectangle::new([(x, top), (x + 14, top + 14)], style))?;
+    let key = |x: i32, styles: &[ShapeStyle], text: &str| -> DrawResult {
+        for &style in styles {
+            area.draw(&Rectangle::new([(x, top), (x + 14, top + 14)], style))?;
+        }
         area.draw_text(text, &label_style, (x + 18, top + 1))?;
         Ok(())
     };
     let mut x = 80;
     for accuracy in [0.0, 0.25, 0.5, 0.75, 1.0] {
-        key(x, shade(p.color, accuracy).filled(), &format!("{:.0} %", 100.0 * accuracy))?;
-        key(x, palette::GREY.stroke_width(1), "")?;
+        // Outlined, so that the white of 0 % shows.
+        let swatch = [shade(p.color, accuracy).filled(), palette::GREY.stroke_width(1)];
+        key(x, &swatch, &format!("{:.0} %", 100.0 * accuracy))?;
         x += 64;
     }
-    key(x, NOT_EVALUATED.filled(), "not evaluated")?;
-    key(x + 110, BLACK.stroke_width(2), "trained up to")?;
+    key(x, &[NOT_EVALUATED.filled()], "not evaluated")?;
+    key(x + 110, &[BLACK.stroke_width(2)], "trained up to")?;
     Ok(())
 }
 
