@@ -73,6 +73,17 @@ enum Command {
         #[command(flatten)]
         output: RunOptions,
     },
+    /// Does one slow step carry to longer numbers? Trains the config's model
+    /// on fresh problems of up to [probe] max_digits digits for a bounded
+    /// number of steps and reports one-step slow, fast, simplify-only and
+    /// simplify-then-guess exact match on the lengths from there on, into
+    /// RUNS_DIR/<name>/probe.csv.
+    Probe {
+        /// An experiment config with a [probe] table, e.g. experiments/cpu/sweep/q01-left.toml.
+        config: PathBuf,
+        #[arg(long, default_value = "runs")]
+        runs_dir: PathBuf,
+    },
     /// Table 2: models out of the box asked to add with a ten-shot prompt,
     /// into RUNS_DIR/<name>/fewshot.csv.
     Fewshot {
@@ -228,6 +239,23 @@ pub fn run() -> anyhow::Result<()> {
                 config.model.device = device.clone();
             }
             output.record(&crate::pretrain::run_into(&config, &output.runs_dir)?)?;
+        }
+        Command::Probe { config, runs_dir } => {
+            let experiment = Experiment::load(&config)?;
+            let probe = experiment.probe.clone().ok_or_else(|| crate::Error::Config {
+                path: config.clone(),
+                field: "probe".into(),
+                problem: "is missing: add a [probe] table (max_digits, steps, eval_every, ...)".into(),
+            })?;
+            let records = crate::probe::run_into(&experiment, &probe, &runs_dir)?;
+            println!("| step | digits | slow | fast | simplify-only | simplify-then-guess |\n|---:|---:|---:|---:|---:|---:|");
+            let last = records.last().map_or(0, |r| r.step);
+            for r in records.iter().filter(|r| r.step == last) {
+                println!(
+                    "| {} | {} | {:.2} | {:.2} | {:.2} | {:.2} |",
+                    r.step, r.digits, r.slow, r.fast, r.simplify_only, r.simplify_then_guess
+                );
+            }
         }
         Command::Fewshot { config, output } => {
             let mut config = FewShotConfig::load(&config)?;

@@ -5,9 +5,9 @@
 //! Unknown fields are rejected, naming the file and the field.
 
 use crate::error::{Error, Result};
-use crate::model::T5Config;
+use crate::model::{DigitPositions, T5Config};
 use crate::task::SlowFormat;
-use crate::train::LrSchedule;
+use crate::train::{DigitOffset, LrSchedule};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -34,6 +34,9 @@ pub struct Experiment {
     pub self_training: SelfTrainingSettings,
     #[serde(default)]
     pub eval: EvalSettings,
+    /// The length-generalisation probe (`sector probe`; src/probe.rs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe: Option<crate::probe::ProbeSettings>,
 }
 
 /// Which model, on which device: exactly one of `preset` (a randomly
@@ -63,6 +66,10 @@ pub struct ModelSettings {
     /// The output layer's initial std (T5Config::lm_head_init_std).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lm_head_init_std: Option<f64>,
+    /// Digit-position embeddings (T5Config::digit_positions), a CPU-scale
+    /// deviation: `{ max_index = 160, from_right = false }`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digit_positions: Option<DigitPositions>,
 }
 
 impl Default for ModelSettings {
@@ -83,6 +90,7 @@ impl Default for ModelSettings {
             dropout_rate: None,
             initializer_factor: None,
             lm_head_init_std: None,
+            digit_positions: None,
         }
     }
 }
@@ -125,6 +133,7 @@ impl ModelSettings {
             || self.dropout_rate.is_some()
             || self.initializer_factor.is_some()
             || self.lm_head_init_std.is_some()
+            || self.digit_positions.is_some()
     }
 
     /// The preset's model config with the shape overrides (None for pretrained weights).
@@ -142,6 +151,7 @@ impl ModelSettings {
         cfg.dropout_rate = self.dropout_rate.unwrap_or(cfg.dropout_rate);
         cfg.initializer_factor = self.initializer_factor.unwrap_or(cfg.initializer_factor);
         cfg.lm_head_init_std = self.lm_head_init_std.or(cfg.lm_head_init_std);
+        cfg.digit_positions = self.digit_positions.or(cfg.digit_positions);
         Some(cfg)
     }
 }
@@ -169,6 +179,10 @@ pub struct TrainSettings {
     /// Epochs per stage after which a stage that has not passed its gate
     /// ends the run.
     pub max_epochs: usize,
+    /// The random offset of digit places in training (a model with
+    /// `model.digit_positions`): `{ max = 30, per = "example" }` or `per = "batch"`.
+    #[serde(skip_serializing_if = "DigitOffset::is_none")]
+    pub digit_offset: DigitOffset,
 }
 
 impl Default for TrainSettings {
@@ -182,6 +196,7 @@ impl Default for TrainSettings {
             dropout: false,
             min_epochs: 1,
             max_epochs: 20,
+            digit_offset: DigitOffset::default(),
         }
     }
 }
@@ -299,6 +314,16 @@ pub struct SelfTrainingSettings {
     /// below this (the paper's 0.9; it reads the ground truth, so it is off
     /// unless set).
     pub stop_below_audited_accuracy: Option<f64>,
+    /// Multiplies the problems each stage generates (section 6's 1,000 slow
+    /// and 3,000 fast, times task.data_scale). A CPU-scale deviation: while
+    /// slow on M digits is well below 1, the paper's volume leaves too few
+    /// labels after the checks (Lee et al. 2025 label 50,000 a round).
+    #[serde(skip_serializing_if = "is_one")]
+    pub generated_scale: f64,
+}
+
+fn is_one(value: &f64) -> bool {
+    *value == 1.0
 }
 
 impl Default for SelfTrainingSettings {
@@ -311,6 +336,7 @@ impl Default for SelfTrainingSettings {
             gate_size: 128,
             stop_below_acceptance: 0.0,
             stop_below_audited_accuracy: None,
+            generated_scale: 1.0,
         }
     }
 }
@@ -398,6 +424,13 @@ impl Experiment {
         if rehearsal.is_nan() || rehearsal < 0.0 || (rehearsal > 0.0 && self.model.pretrain.is_none()) {
             return bad("task.rehearsal", format!("is {rehearsal}; it must be 0, or positive with model.pretrain set"));
         }
+        let generated = self.self_training.generated_scale;
+        if generated.is_nan() || generated <= 0.0 || (self.scale == "paper" && generated != 1.0) {
+            return bad(
+                "self_training.generated_scale",
+                format!("is {generated}; it must be positive, and 1 (the paper's volume) at paper scale"),
+            );
+        }
         if self.supervised.first_digits < 2 {
             return bad("supervised.first_digits", "must be at least 2 (slow steps need two digits)".into());
         }
@@ -406,6 +439,7 @@ impl Experiment {
                 return bad("supervised.start_self_training", format!("is {n}, below first_digits"));
             }
         }
+        self.check_digit_places(path)?;
         if self.self_training.k == 0 {
             return bad("self_training.k", "must be at least 1".into());
         }
@@ -420,6 +454,62 @@ impl Experiment {
             }
         }
         Ok(())
+    }
+
+    /// The longest number (in digits) the run meets: the longest problem it
+    /// trains or evaluates on, plus one for the carry of its sum.
+    pub fn longest_number(&self) -> usize {
+        let beyond = self.eval.lengths_beyond.max(self.eval.carry_digits_beyond);
+        let run = self.self_training.last_digits.max(self.supervised.max_digits) + beyond;
+        let probe = self.probe.as_ref().map_or(0, |p| p.max_digits + p.lengths_beyond);
+        run.max(probe) + 1
+    }
+
+    /// Digit places: offsets need the tables, and the tables must hold the
+    /// longest number plus the largest offset.
+    fn check_digit_places(&self, path: &Path) -> Result<()> {
+        let bad = |field: &str, problem: String| {
+            Err(Error::Config { path: path.to_path_buf(), field: field.into(), problem })
+        };
+        let offset = self.train.digit_offset.max as usize;
+        if self.scale == "paper" && self.model.digit_positions.is_some() {
+            return bad(
+                "model.digit_positions",
+                "is a CPU-scale deviation: paper-scale runs are ByT5 as published, remove it".into(),
+            );
+        }
+        match self.model.digit_positions {
+            None if offset > 0 => bad(
+                "train.digit_offset",
+                format!("is {offset}, but the model has no digit positions: set model.digit_positions or remove it"),
+            ),
+            Some(p) if p.max_index < self.longest_number() + offset => bad(
+                "model.digit_positions.max_index",
+                format!(
+                    "is {}; this run meets numbers of up to {} digits (self_training.last_digits plus the \
+                     evaluation's lengths beyond, plus a carry) and offsets of up to {offset}: set it to at least {}",
+                    p.max_index,
+                    self.longest_number(),
+                    self.longest_number() + offset
+                ),
+            ),
+            _ => Ok(()),
+        }
+    }
+
+    /// The trainer's settings: `train`, seeded by the experiment's seed.
+    pub fn train_config(&self) -> crate::train::TrainConfig {
+        let t = &self.train;
+        crate::train::TrainConfig {
+            lr: t.lr,
+            batch_size: t.batch_size,
+            max_tokens_per_micro_batch: t.max_tokens_per_micro_batch,
+            dropout: t.dropout,
+            seed: self.seed,
+            warmup_steps: t.warmup_steps,
+            lr_schedule: t.lr_schedule,
+            digit_offset: t.digit_offset,
+        }
     }
 
     /// The model config of a preset run, with this experiment's overrides.
@@ -446,6 +536,12 @@ impl Experiment {
                 ),
             }),
         }
+    }
+
+    /// Problems a self-training stage generates where the paper generates
+    /// `count`: scaled by the data size and the generated volume, at least 1.
+    pub fn generated(&self, count: usize) -> usize {
+        ((count as f64 * self.task.data_scale * self.self_training.generated_scale).round() as usize).max(1)
     }
 
     /// `count` scaled by the data-size factor, at least 1.
@@ -497,6 +593,17 @@ mod tests {
             ("name = \"x\"\n[supervised]\nfast_gate = 75", "supervised.fast_gate"),
             ("name = \"x\"\n[task]\nrehearsal = 0.1", "task.rehearsal"),
             ("name = \"a b\"", "name"),
+            ("name = \"x\"\n[train]\ndigit_offset = { max = 30 }", "train.digit_offset"),
+            (
+                "name = \"x\"\nscale = \"cpu\"\n[model]\npreset = \"cpu-tiny\"\ndevice = \"cpu\"\n\
+                 digit_positions = { max_index = 40 }\n[train]\ndigit_offset = { max = 30 }",
+                "model.digit_positions.max_index",
+            ),
+            (
+                "name = \"x\"\n[model]\npreset = \"byt5-base\"\ndevice = \"cuda\"\n\
+                 digit_positions = { max_index = 200 }",
+                "model.digit_positions",
+            ),
         ] {
             let message = parse(text).unwrap_err().to_string();
             assert!(message.contains("experiments/x.toml") && message.contains(field), "{field}: {message}");

@@ -138,8 +138,8 @@ pub fn cost(e: &Experiment, cfg: &T5Config, model: &str) -> Cost {
         let slow_labels = steps_then_guess(&mut query, m, m - 1);
         let fast_labels =
             steps_then_guess(&mut query, m, m - k) + (1..k).map(|j| query(Kind::Fast, m - j, 2.0)).sum::<f64>();
-        decode_flops += e.scaled(SLOW_NEW / SELF_TRAINING_FRACTION) as f64 * slow_labels
-            + e.scaled(FAST_NEW / SELF_TRAINING_FRACTION) as f64 * fast_labels
+        decode_flops += e.generated(SLOW_NEW / SELF_TRAINING_FRACTION) as f64 * slow_labels
+            + e.generated(FAST_NEW / SELF_TRAINING_FRACTION) as f64 * fast_labels
             + evaluate(&mut query, m);
         train_flops += train(&mut query, Kind::Slow, m, SLOW_NEW / SELF_TRAINING_FRACTION)
             + train(&mut query, Kind::Fast, m, FAST_NEW / SELF_TRAINING_FRACTION);

@@ -16,6 +16,7 @@
 //! - `config`: experiment configs (TOML);
 //! - `pretrain`: CPU scale's stand-in for ByT5's pretraining (string skills);
 //! - `sector`: the SECToR loop, its run directory and resume;
+//! - `probe`: minutes-long check whether the slow step carries to longer numbers;
 //! - `analysis`: carries and traced votes of a run's final checkpoint;
 //! - `cost`: FLOPs and GPU hours of a paper-scale experiment;
 //! - `fewshot`: Table 2, models out of the box with a ten-shot prompt;
@@ -41,6 +42,7 @@ pub mod memory;
 pub mod model;
 pub mod parallel;
 pub mod pretrain;
+pub mod probe;
 pub mod report;
 pub mod sector;
 pub mod task;

@@ -67,6 +67,11 @@ pub struct T5Config {
     /// with its dense default, d_model^-0.5). Only random weights use it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lm_head_init_std: Option<f64>,
+    /// Ours, not transformers' (CPU scale only; no ByT5 preset has it):
+    /// learned embeddings of each digit's place in its number, added to the
+    /// token embeddings. A checkpoint with them does not run in transformers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digit_positions: Option<DigitPositions>,
     /// Only "gated-gelu" (T5 v1.1, ByT5) is implemented.
     #[serde(default = "defaults::feed_forward_proj")]
     pub feed_forward_proj: String,
@@ -167,6 +172,7 @@ impl T5Config {
             layer_norm_epsilon: 1e-6,
             initializer_factor: 1.0,
             lm_head_init_std: None,
+            digit_positions: None,
             feed_forward_proj: "gated-gelu".into(),
             tie_word_embeddings: false,
             pad_token_id: 0,
@@ -222,7 +228,111 @@ impl T5Config {
         let bias = self.relative_attention_num_buckets * self.num_heads;
         let encoder = self.num_layers * (attention + ff + 2 * d) + bias + d;
         let decoder = self.decoder_layers() * (2 * attention + ff + 3 * d) + bias + d;
-        2 * self.vocab_size * d + encoder + decoder
+        let places = self.digit_positions.map_or(0, |p| p.tables() * (p.max_index + 1) * d);
+        2 * self.vocab_size * d + encoder + decoder + places
+    }
+}
+
+/// Digit-position embeddings (McLeish et al. 2024's Abacus embeddings), a
+/// CPU-scale deviation. A small T5 from random weights finds "the last digit
+/// of the first number" only by the absolute positions of the lengths it was
+/// taught, so its slow step fails one digit beyond them; pretrained ByT5
+/// brings length-general reading from its text pretraining. Every digit token
+/// gets the embedding of its place in its run of digits, counted from the
+/// run's first digit (1-based; 0 for every other token), in the encoder and
+/// the decoder input alike (one table), and optionally an encoder-only second
+/// one counted from the run's last digit. In training a random offset is added
+/// to every place (`TrainConfig::digit_offset`), so the rows beyond the taught
+/// lengths are trained too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DigitPositions {
+    /// The largest place a table holds (rows 0..=max_index): the longest
+    /// number the model meets plus the largest training offset. A place
+    /// beyond it is an error, never clamped.
+    pub max_index: usize,
+    /// Also the encoder-only table counted from each number's last digit.
+    #[serde(default)]
+    pub from_right: bool,
+}
+
+impl DigitPositions {
+    fn tables(&self) -> usize {
+        1 + usize::from(self.from_right)
+    }
+}
+
+/// Whether `id` is one of the bytes '0'..='9'.
+pub fn is_digit(id: u32) -> bool {
+    use crate::tokenizer::BYTE_OFFSET;
+    (b'0' as u32 + BYTE_OFFSET..=b'9' as u32 + BYTE_OFFSET).contains(&id)
+}
+
+/// Each token's place in its run of digits counted from the run's first
+/// digit (1-based; 0 for other tokens), for tokens that follow a run of
+/// `run` digits; `run` is left holding the digits the tokens end with, so
+/// decoding one token at a time gives the places of a whole pass.
+pub fn places_from_left(ids: &[u32], run: &mut u32) -> Vec<u32> {
+    ids.iter()
+        .map(|&id| {
+            *run = if is_digit(id) { *run + 1 } else { 0 };
+            *run
+        })
+        .collect()
+}
+
+/// Each token's place in its run of digits counted from the run's last
+/// digit (1 = the last; 0 for other tokens).
+pub fn places_from_right(ids: &[u32]) -> Vec<u32> {
+    let mut places = vec![0; ids.len()];
+    let mut run = 0;
+    for (place, &id) in places.iter_mut().zip(ids).rev() {
+        run = if is_digit(id) { run + 1 } else { 0 };
+        *place = run;
+    }
+    places
+}
+
+/// The digit-place tables of a model that has them.
+struct DigitPlaceTables {
+    /// (max_index + 1, d_model), shared by the encoder and the decoder.
+    left: Embedding,
+    /// (max_index + 1, d_model), encoder only.
+    right: Option<Embedding>,
+    max_index: u32,
+}
+
+impl DigitPlaceTables {
+    fn new(vb: VarBuilder, cfg: &T5Config) -> Result<Option<Self>> {
+        let Some(p) = cfg.digit_positions else { return Ok(None) };
+        let table = |name: &str| candle_nn::embedding(p.max_index + 1, cfg.d_model, vb.pp(name));
+        Ok(Some(DigitPlaceTables {
+            left: table("digit_positions_left")?,
+            right: if p.from_right { Some(table("digit_positions_right")?) } else { None },
+            max_index: p.max_index as u32,
+        }))
+    }
+
+    /// Embeddings (b, t, d_model) of the places `places` (b rows of t), with
+    /// `offsets[row]` (none when empty) added to every digit's place.
+    fn embed(&self, table: &Embedding, places: Vec<Vec<u32>>, offsets: &[u32], device: &Device) -> Result<Tensor> {
+        let (b, t) = (places.len(), places.first().map_or(0, Vec::len));
+        let mut flat = Vec::with_capacity(b * t);
+        for (row, places) in places.into_iter().enumerate() {
+            let offset = offsets.get(row).copied().unwrap_or(0);
+            for place in places {
+                let place = if place == 0 { 0 } else { place + offset };
+                if place > self.max_index {
+                    candle_core::bail!(
+                        "digit place {place} (a digit's place in its number plus the training offset {offset}) is \
+                         beyond the model's digit_positions.max_index {}: raise max_index in the model config",
+                        self.max_index
+                    );
+                }
+                flat.push(place);
+            }
+        }
+        table.forward(&Tensor::from_vec(flat, (b, t), device)?)
     }
 }
 
@@ -508,6 +618,12 @@ pub struct DecoderState {
     len: usize,
     /// Set for generation: no gradients will be taken through the decoder.
     no_gradients: bool,
+    /// Per row: the digits its tokens so far end with (their last run).
+    digit_runs: Vec<u32>,
+    /// Per row: the training offset of its digit places (empty: none).
+    digit_offsets: Vec<u32>,
+    /// The largest digit place the model has (None: no digit positions).
+    max_digit_place: Option<u32>,
 }
 
 impl DecoderState {
@@ -520,7 +636,21 @@ impl DecoderState {
             k.select_rows(rows)?;
             v.select_rows(rows)?;
         }
+        let rows: Vec<u32> = rows.to_vec1()?;
+        let pick = |values: &[u32]| rows.iter().map(|&r| values[r as usize]).collect();
+        self.digit_runs = pick(&self.digit_runs);
+        if !self.digit_offsets.is_empty() {
+            self.digit_offsets = pick(&self.digit_offsets);
+        }
         Ok(())
+    }
+
+    /// Whether row `row` can take `token` as its next input: false only when
+    /// the token would extend a run of digits beyond the model's largest
+    /// digit place (a runaway output, which greedy decoding ends there).
+    pub fn accepts(&self, row: usize, token: u32) -> bool {
+        let offset = self.digit_offsets.get(row).copied().unwrap_or(0);
+        self.max_digit_place.is_none_or(|max| !is_digit(token) || self.digit_runs[row] + 1 + offset <= max)
     }
 }
 
@@ -581,6 +711,9 @@ pub struct Seq2SeqBatch {
     pub label_mask: Tensor,
     /// Number of target tokens that count in the loss.
     pub num_target_tokens: usize,
+    /// Per row: the training offset of its digit places, the same in the
+    /// encoder and the decoder (empty: none, as in evaluation).
+    pub digit_offsets: Vec<u32>,
 }
 
 impl Seq2SeqBatch {
@@ -600,12 +733,14 @@ impl Seq2SeqBatch {
             labels: labels.ids,
             label_mask: labels.mask,
             num_target_tokens: targets.iter().map(Vec::len).sum(),
+            digit_offsets: Vec::new(),
         })
     }
 }
 
 pub struct T5 {
     shared: Embedding, // (vocab, d_model), the input embedding of both stacks
+    digit_places: Option<DigitPlaceTables>,
     encoder: Stack,
     decoder: Stack,
     lm_head: Linear,
@@ -619,6 +754,7 @@ impl T5 {
         }
         Ok(T5 {
             shared: candle_nn::embedding(cfg.vocab_size, cfg.d_model, vb.pp("shared"))?,
+            digit_places: DigitPlaceTables::new(vb.clone(), cfg)?,
             encoder: Stack::new(vb.pp("encoder"), cfg, false)?,
             decoder: Stack::new(vb.pp("decoder"), cfg, true)?,
             lm_head: Linear::new(cfg.d_model, cfg.vocab_size, vb.pp("lm_head"))?,
@@ -639,14 +775,31 @@ impl T5 {
         self.shared.embeddings().device()
     }
 
-    /// input_ids (b, src_len) u32, input_mask (b, src_len) -> (b, src_len, d_model).
-    pub fn encode(&self, input_ids: &Tensor, input_mask: &Tensor, drop: &mut Dropout) -> Result<Tensor> {
+    /// input_ids (b, src_len) u32, input_mask (b, src_len) -> (b, src_len,
+    /// d_model). `digit_offsets`: one per row in training, empty otherwise.
+    pub fn encode(
+        &self,
+        input_ids: &Tensor,
+        input_mask: &Tensor,
+        digit_offsets: &[u32],
+        drop: &mut Dropout,
+    ) -> Result<Tensor> {
         let src_len = input_ids.dim(1)?;
         let bias = self
             .encoder
             .self_attention_bias(src_len, 0, self.device())?
             .broadcast_add(&padding_bias(input_mask, self.dtype())?)?; // (b, h, src_len, src_len)
-        let mut xs = drop.apply(&self.shared.forward(input_ids)?)?;
+        let mut xs = self.shared.forward(input_ids)?;
+        if let Some(tables) = &self.digit_places {
+            let rows: Vec<Vec<u32>> = input_ids.to_vec2()?;
+            let left = rows.iter().map(|ids| places_from_left(ids, &mut 0)).collect();
+            xs = (xs + tables.embed(&tables.left, left, digit_offsets, self.device())?)?;
+            if let Some(right) = &tables.right {
+                let places = rows.iter().map(|ids| places_from_right(ids)).collect();
+                xs = (xs + tables.embed(right, places, digit_offsets, self.device())?)?;
+            }
+        }
+        let mut xs = drop.apply(&xs)?;
         for block in &self.encoder.blocks {
             let normed = block.self_attn_norm.forward(&xs)?;
             let (k, v) = block.self_attn.keys_values(&normed)?;
@@ -661,7 +814,14 @@ impl T5 {
     /// Projects the encoder output for every decoder layer's cross-attention.
     /// Generation passes `no_gradients`, which lets decoding steps use
     /// inference-only kernels.
-    pub fn start_decoder(&self, encoded: &Tensor, input_mask: &Tensor, no_gradients: bool) -> Result<DecoderState> {
+    /// `digit_offsets` as for `encode`.
+    pub fn start_decoder(
+        &self,
+        encoded: &Tensor,
+        input_mask: &Tensor,
+        digit_offsets: &[u32],
+        no_gradients: bool,
+    ) -> Result<DecoderState> {
         let cross = self
             .decoder
             .blocks
@@ -674,6 +834,9 @@ impl T5 {
             past: vec![None; self.decoder.blocks.len()],
             len: 0,
             no_gradients,
+            digit_runs: vec![0; encoded.dim(0)?],
+            digit_offsets: digit_offsets.to_vec(),
+            max_digit_place: self.digit_places.as_ref().map(|t| t.max_index),
         })
     }
 
@@ -684,7 +847,13 @@ impl T5 {
     pub fn decode(&self, ids: &Tensor, state: &mut DecoderState, drop: &mut Dropout) -> Result<Tensor> {
         let new_len = ids.dim(1)?;
         let self_bias = self.decoder.self_attention_bias(new_len, state.len, self.device())?; // (1, h, t, len + t)
-        let mut xs = drop.apply(&self.shared.forward(ids)?)?;
+        let mut xs = self.shared.forward(ids)?;
+        if let Some(tables) = &self.digit_places {
+            let rows: Vec<Vec<u32>> = ids.to_vec2()?;
+            let places = rows.iter().zip(state.digit_runs.iter_mut()).map(|(ids, run)| places_from_left(ids, run));
+            xs = (xs + tables.embed(&tables.left, places.collect(), &state.digit_offsets, self.device())?)?;
+        }
+        let mut xs = drop.apply(&xs)?;
         for (i, block) in self.decoder.blocks.iter().enumerate() {
             let normed = block.self_attn_norm.forward(&xs)?;
             let (k, v) = block.self_attn.keys_values(&normed)?;
@@ -710,8 +879,8 @@ impl T5 {
 
     /// Teacher-forced logits (b, tgt_len, vocab).
     pub fn forward(&self, batch: &Seq2SeqBatch, drop: &mut Dropout) -> Result<Tensor> {
-        let encoded = self.encode(&batch.input_ids, &batch.input_mask, drop)?;
-        let mut state = self.start_decoder(&encoded, &batch.input_mask, false)?;
+        let encoded = self.encode(&batch.input_ids, &batch.input_mask, &batch.digit_offsets, drop)?;
+        let mut state = self.start_decoder(&encoded, &batch.input_mask, &batch.digit_offsets, false)?;
         self.decode(&batch.decoder_input_ids, &mut state, drop)
     }
 
@@ -764,6 +933,27 @@ mod tests {
         let causal = |r| relative_position_bucket(r, false, 32, 128);
         assert_eq!([causal(3), causal(0), causal(-1), causal(-15), causal(-16)], [0, 0, 1, 15, 16]);
         assert_eq!([causal(-40), causal(-127), causal(-500)], [23, 31, 31]);
+    }
+
+    #[test]
+    fn digit_places_count_within_each_number() {
+        let ids = crate::tokenizer::encode("Q: 905 + 12 = ?");
+        let left = places_from_left(&ids, &mut 0);
+        let right = places_from_right(&ids);
+        // "Q: " then 9 0 5, " + ", 1 2, " = ?", eos.
+        assert_eq!(left[..14], [0, 0, 0, 1, 2, 3, 0, 0, 0, 1, 2, 0, 0, 0]);
+        assert_eq!(right[..14], [0, 0, 0, 3, 2, 1, 0, 0, 0, 2, 1, 0, 0, 0]);
+        // One token at a time continues the run, as cached decoding does.
+        let mut run = 0;
+        let stepwise: Vec<u32> = ids.iter().flat_map(|&id| places_from_left(&[id], &mut run)).collect();
+        assert_eq!(stepwise, left);
+    }
+
+    #[test]
+    fn presets_have_no_digit_positions() {
+        for name in ["byt5-small", "byt5-base", "byt5-large", "byt5-xl", "cpu-tiny", "cpu-small", "cpu-medium"] {
+            assert_eq!(T5Config::preset(name).unwrap().digit_positions, None, "{name}");
+        }
     }
 
     #[test]

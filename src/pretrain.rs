@@ -58,6 +58,9 @@ pub struct PretrainTraining {
     pub batch_size: usize,
     pub max_tokens_per_micro_batch: usize,
     pub epochs: usize,
+    /// Digit-place offsets, for a model with `model.digit_positions`.
+    #[serde(default, skip_serializing_if = "crate::train::DigitOffset::is_none")]
+    pub digit_offset: crate::train::DigitOffset,
 }
 
 /// The string-skill data: numbers of min_digits up to a maximum length that
@@ -212,6 +215,7 @@ pub fn run_into(config: &PretrainConfig, runs_root: &Path) -> Result<PathBuf> {
             seed: config.seed,
             warmup_steps: t.warmup_steps,
             lr_schedule: t.lr_schedule,
+            digit_offset: t.digit_offset,
         };
         Trainer::new(model, train_config)?
     };

@@ -25,7 +25,7 @@ use crate::model::select_device;
 use crate::parallel::{self, Collective};
 use crate::task::{sample_unique, Kind, Oracle, Problem};
 use crate::tokenizer::encode;
-use crate::train::{Example, TrainConfig, Trainer};
+use crate::train::{Example, Trainer};
 use crate::weights::Model;
 use candle_core::Device;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -472,16 +472,7 @@ impl<'a> Run<'a> {
                 &self.device,
             )?,
         };
-        let t = &e.train;
-        let config = TrainConfig {
-            lr: t.lr,
-            batch_size: t.batch_size,
-            max_tokens_per_micro_batch: t.max_tokens_per_micro_batch,
-            dropout: t.dropout,
-            seed: e.seed,
-            warmup_steps: t.warmup_steps,
-            lr_schedule: t.lr_schedule,
-        };
+        let config = e.train_config();
         Trainer::new(model, config)
     }
 
@@ -875,8 +866,8 @@ impl<'a> Run<'a> {
         let st = &e.self_training;
         let format = e.task.slow_format;
         let mut rng = self.rng(stage, streams::DATA);
-        let slow_problems = sample_unique(&mut rng, m, e.scaled(SLOW_NEW / SELF_TRAINING_FRACTION), &HashSet::new());
-        let fast_problems = sample_unique(&mut rng, m, e.scaled(FAST_NEW / SELF_TRAINING_FRACTION), &HashSet::new());
+        let slow_problems = sample_unique(&mut rng, m, e.generated(SLOW_NEW / SELF_TRAINING_FRACTION), &HashSet::new());
+        let fast_problems = sample_unique(&mut rng, m, e.generated(FAST_NEW / SELF_TRAINING_FRACTION), &HashSet::new());
         let solver = self.solver(trainer, &format!("labelling {m}-digit problems"));
         let slow_traces = solver.simplify_only(&slow_problems)?;
         let slow_answers: Vec<Option<String>> = slow_traces.iter().map(|t| t.candidates[0].clone()).collect();

@@ -48,6 +48,47 @@ pub struct TrainConfig {
     /// What the learning rate does after the warm-up.
     #[serde(default, skip_serializing_if = "LrSchedule::is_constant")]
     pub lr_schedule: LrSchedule,
+    /// Random offsets of the digit places (a model with digit positions).
+    #[serde(default, skip_serializing_if = "DigitOffset::is_none")]
+    pub digit_offset: DigitOffset,
+}
+
+/// The random offset added in training to every digit's place (model.rs,
+/// `DigitPositions`), so that the table rows beyond the taught lengths are
+/// trained too; never in evaluation or generation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DigitOffset {
+    /// Offsets are uniform over 0..=max (0: none).
+    pub max: u32,
+    /// One offset per example, or one per optimiser step for all its
+    /// examples (McLeish et al.'s choice).
+    #[serde(default)]
+    pub per: OffsetDraw,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OffsetDraw {
+    #[default]
+    Example,
+    Batch,
+}
+
+impl DigitOffset {
+    pub fn is_none(&self) -> bool {
+        self.max == 0
+    }
+
+    /// Offsets for the `count` examples of one batch (empty when off), from
+    /// the trainer's noise stream.
+    fn draw(&self, rng: &mut Pcg64, count: usize) -> Vec<u32> {
+        match self.per {
+            _ if self.is_none() => Vec::new(),
+            OffsetDraw::Example => (0..count).map(|_| rng.random_range(0..=self.max)).collect(),
+            OffsetDraw::Batch => vec![rng.random_range(0..=self.max); count],
+        }
+    }
 }
 
 /// The learning rate after the warm-up.
@@ -90,6 +131,7 @@ impl Default for TrainConfig {
             seed: 0,
             warmup_steps: 0,
             lr_schedule: LrSchedule::Constant,
+            digit_offset: DigitOffset::default(),
         }
     }
 }
@@ -200,7 +242,8 @@ pub struct Trainer {
 impl Trainer {
     pub fn new(model: Model, config: TrainConfig) -> Result<Self> {
         let adam = Adam::new(&model.vars, config.lr, config.warmup_steps, config.lr_schedule)?;
-        // Two streams from one seed: data order, and dropout masks.
+        // Two streams from one seed: data order, and training noise (dropout
+        // masks, digit-place offsets; the name is older than the offsets).
         let data_rng = Pcg64::new(config.seed as u128, 0xda7a);
         let dropout_rng = Pcg64::new(config.seed as u128, 0xd209);
         Ok(Trainer { model, config, adam, epochs: 0, data_rng, dropout_rng, collective: Arc::new(SingleRank) })
@@ -224,6 +267,8 @@ impl Trainer {
         let mut loss = 0f32;
         let collective = self.collective.clone();
         let micros = micro_batches(batch, self.config.max_tokens_per_micro_batch);
+        // Drawn before the micro-batches, so they do not depend on the split.
+        let digit_offsets = self.config.digit_offset.draw(&mut self.dropout_rng, batch.len());
         for (i, micro) in micros.iter().enumerate() {
             // One draw per micro-batch on every rank, so the dropout masks do
             // not depend on how many ranks share the batch.
@@ -233,7 +278,10 @@ impl Trainer {
             }
             let inputs: Vec<Vec<u32>> = micro.iter().map(|&i| batch[i].0.clone()).collect();
             let targets: Vec<Vec<u32>> = micro.iter().map(|&i| batch[i].1.clone()).collect();
-            let micro_batch = Seq2SeqBatch::new(&inputs, &targets, &device)?;
+            let mut micro_batch = Seq2SeqBatch::new(&inputs, &targets, &device)?;
+            if !digit_offsets.is_empty() {
+                micro_batch.digit_offsets = micro.iter().map(|&i| digit_offsets[i]).collect();
+            }
             let mut dropout = Dropout::new(rate, Pcg64::new(dropout_seed as u128, 0xd209));
             let micro_loss = (self.model.t5.loss_sum(&micro_batch, &mut dropout)? / total_tokens as f64)?;
             loss += micro_loss.to_scalar::<f32>()?;

@@ -93,7 +93,16 @@ impl Model {
     /// Writes config.json and model.safetensors (with transformers' "format":
     /// "pt" metadata) into `dir`, recording their hashes in `manifest`.
     pub fn save(&self, dir: &Path, manifest: &mut Manifest) -> Result<()> {
-        let config = serde_json::to_vec_pretty(self.config()).expect("config serialises");
+        let mut config = serde_json::to_value(self.config()).expect("config serialises");
+        if self.config().digit_positions.is_some() {
+            // transformers ignores fields it does not know, and so would run
+            // this checkpoint without its digit places: say so in the file.
+            config["sector_note"] = "digit_positions: sector's digit-position embeddings (tensors \
+                digit_positions_left / digit_positions_right, a CPU-scale deviation). transformers' T5 ignores \
+                them and cannot reproduce this model; load it with sector."
+                .into();
+        }
+        let config = serde_json::to_vec_pretty(&config).expect("config serialises");
         manifest.write_file(dir, CONFIG_FILE, &config)?;
         manifest.write_file(
             dir,
@@ -225,7 +234,8 @@ fn init_std(name: &str, cfg: &T5Config) -> Option<f64> {
     let f = cfg.initializer_factor;
     let (d_model, inner) = (cfg.d_model as f64, (cfg.num_heads * cfg.d_kv) as f64);
     let std = match name.rsplit('.').nth(1)? {
-        "shared" => 1.0,
+        // Digit places are added to token embeddings: the same spread.
+        "shared" | "digit_positions_left" | "digit_positions_right" => 1.0,
         "lm_head" => cfg.lm_head_init_std.unwrap_or(1.0),
         "q" => (d_model * cfg.d_kv as f64).powf(-0.5),
         "k" | "v" | "wi_0" | "wi_1" | "relative_attention_bias" => d_model.powf(-0.5),

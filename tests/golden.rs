@@ -114,8 +114,8 @@ fn cached_decoding_equals_a_full_forward_pass() {
     let (inputs, targets) = golden_rows();
     let batch = Seq2SeqBatch::new(&inputs, &targets, &Device::Cpu).unwrap();
     let full = model.t5.forward(&batch, &mut Dropout::off()).unwrap(); // (b, t, vocab)
-    let encoded = model.t5.encode(&batch.input_ids, &batch.input_mask, &mut Dropout::off()).unwrap();
-    let mut state = model.t5.start_decoder(&encoded, &batch.input_mask, true).unwrap();
+    let encoded = model.t5.encode(&batch.input_ids, &batch.input_mask, &[], &mut Dropout::off()).unwrap();
+    let mut state = model.t5.start_decoder(&encoded, &batch.input_mask, &[], true).unwrap();
     let steps: Vec<Tensor> = (0..batch.decoder_input_ids.dim(1).unwrap())
         .map(|t| {
             let ids = batch.decoder_input_ids.i((.., t..t + 1)).unwrap();

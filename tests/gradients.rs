@@ -6,7 +6,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
-use sector::model::{Dropout, Seq2SeqBatch, T5Config};
+use sector::model::{DigitPositions, Dropout, Seq2SeqBatch, T5Config};
 use sector::tokenizer::encode;
 use sector::weights::Model;
 
@@ -19,11 +19,26 @@ fn loss_gradient_matches_finite_differences() {
     let mut cfg = T5Config::byt5(16, 24, 2, 8, 2, 2);
     cfg.relative_attention_num_buckets = 8;
     cfg.relative_attention_max_distance = 12;
-    let model = Model::random(&cfg, 3, &Device::Cpu, DType::F64).unwrap();
+    check_gradients(&cfg, &[]);
+}
+
+#[test]
+fn loss_gradient_matches_finite_differences_with_digit_places() {
+    // Both tables, with training offsets (CPU-scale option).
+    let mut cfg = T5Config::byt5(16, 24, 2, 8, 2, 2);
+    cfg.relative_attention_num_buckets = 8;
+    cfg.relative_attention_max_distance = 12;
+    cfg.digit_positions = Some(DigitPositions { max_index: 6, from_right: true });
+    check_gradients(&cfg, &[1, 3]);
+}
+
+fn check_gradients(cfg: &T5Config, digit_offsets: &[u32]) {
+    let model = Model::random(cfg, 3, &Device::Cpu, DType::F64).unwrap();
     // Two rows of different lengths, so padding masks are on the path too.
     let inputs = [encode("Add fast.\nQ: 12 + 34 = ?"), encode("Q: 9")];
     let targets = [encode("A: 46"), encode("A: 9 + 0 = 9.")];
-    let batch = Seq2SeqBatch::new(&inputs, &targets, &Device::Cpu).unwrap();
+    let mut batch = Seq2SeqBatch::new(&inputs, &targets, &Device::Cpu).unwrap();
+    batch.digit_offsets = digit_offsets.to_vec();
     let grads = mean_loss(&model, &batch).backward().unwrap();
 
     let mut rng = rand_pcg::Pcg64::seed_from_u64(11);

@@ -1,0 +1,243 @@
+//! The length-generalisation probe: does one slow step carry to numbers
+//! longer than the model was taught? It answers in minutes what a full run
+//! answers in hours.
+//!
+//! The model of an experiment config trains for a bounded number of steps on
+//! fresh script problems of up to `probe.max_digits` digits (every batch new,
+//! so it cannot memorise), and every `eval_every` steps it is asked problems
+//! of max_digits..=max_digits + lengths_beyond digits: one-step slow, fast,
+//! simplify-only and simplify-then-guess, each by exact match. Ground truth
+//! above max_digits only measures; it never trains.
+
+use crate::answer::{majority_vote, Solver};
+use crate::config::Experiment;
+use crate::error::Result;
+use crate::files::{csv_bytes, write_atomic};
+use crate::model::select_device;
+use crate::parallel::SingleRank;
+use crate::task::{random_problem, sample_unique, Kind, Oracle, Problem, TrueOracle};
+use crate::train::{Example, Trainer};
+use crate::weights::Model;
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::Rng;
+use rand_pcg::Pcg64;
+use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
+use std::path::Path;
+use std::time::Instant;
+
+pub const RESULTS_FILE: &str = "probe.csv";
+pub const CHECKPOINT_DIR: &str = "checkpoint";
+
+/// The `[probe]` table of an experiment config.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProbeSettings {
+    /// Training lengths: slow 2..=max_digits, fast 1..=max_digits.
+    pub max_digits: usize,
+    /// Optimiser steps of `train.batch_size` fresh examples.
+    pub steps: usize,
+    /// Evaluate after every this many steps (and after the last).
+    pub eval_every: usize,
+    /// Share of fast examples (PROTOCOL.md section 5's curriculum: 3/4).
+    pub fast_share: f64,
+    /// Share of examples of exactly max_digits digits; the others are
+    /// uniform over the lengths.
+    pub top_share: f64,
+    /// Evaluate lengths max_digits..=max_digits + lengths_beyond.
+    pub lengths_beyond: usize,
+    /// Problems per evaluated length.
+    pub problems_per_length: usize,
+}
+
+impl Default for ProbeSettings {
+    fn default() -> Self {
+        ProbeSettings {
+            max_digits: 8,
+            steps: 3000,
+            eval_every: 500,
+            fast_share: 0.0,
+            top_share: 0.0,
+            lengths_beyond: 8,
+            problems_per_length: 50,
+        }
+    }
+}
+
+/// One evaluated length at one step.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProbeRecord {
+    pub step: usize,
+    /// Mean training loss over the steps since the last evaluation.
+    pub loss: f64,
+    pub digits: usize,
+    pub problems: usize,
+    pub slow: f64,
+    pub fast: f64,
+    pub simplify_only: f64,
+    pub simplify_then_guess: f64,
+    /// Wall time of training so far (evaluation excluded).
+    pub train_seconds: f64,
+}
+
+/// Fresh training examples of one batch.
+fn batch(experiment: &Experiment, probe: &ProbeSettings, rng: &mut Pcg64) -> Vec<Example> {
+    let format = experiment.task.slow_format;
+    (0..experiment.train.batch_size)
+        .map(|_| {
+            let kind = if rng.random_bool(probe.fast_share) { Kind::Fast } else { Kind::Slow };
+            let shortest = if kind == Kind::Slow { 2 } else { 1 };
+            let digits = if rng.random_bool(probe.top_share) {
+                probe.max_digits
+            } else {
+                rng.random_range(shortest..=probe.max_digits)
+            };
+            let problem = random_problem(rng, digits);
+            let target = TrueOracle.target(&problem, kind, format);
+            (crate::tokenizer::encode(&problem.prompt(kind)), crate::tokenizer::encode(&target))
+        })
+        .collect()
+}
+
+/// Exact-match rates of one length's problems.
+fn evaluate(solver: &Solver, problems: &[Problem], k: usize) -> Result<(f64, f64, f64, f64)> {
+    let rate = |hits: usize| hits as f64 / problems.len().max(1) as f64;
+    let traces = solver.simplify_then_guess(problems, k)?;
+    let fast = solver.fast(problems)?;
+    let (mut slow, mut fast_hits, mut only, mut vote) = (0, 0, 0, 0);
+    for ((p, trace), fast) in problems.iter().zip(&traces).zip(&fast) {
+        let sum = Some(p.sum());
+        slow += usize::from(trace.slow_outputs[0] == p.slow_target(solver.format));
+        fast_hits += usize::from(*fast == sum);
+        only += usize::from(trace.candidates[0] == sum);
+        vote += usize::from(majority_vote(&trace.candidates) == sum);
+    }
+    Ok((rate(slow), rate(fast_hits), rate(only), rate(vote)))
+}
+
+/// Runs `probe` on the model and training settings of `experiment` into
+/// RUNS_DIR/<name> (probe.csv, log.txt, the final checkpoint) and returns
+/// its records. A probe is minutes long, so it starts afresh every time.
+pub fn run_into(experiment: &Experiment, probe: &ProbeSettings, runs_root: &Path) -> Result<Vec<ProbeRecord>> {
+    let dir = runs_root.join(&experiment.name);
+    std::fs::create_dir_all(&dir).map_err(|e| crate::Error::io(&dir, e))?;
+    let device = select_device(&experiment.model.device)?;
+    let model = Model::from_preset_or_weights(
+        experiment.model_config().as_ref(),
+        experiment.model.weights.as_deref(),
+        experiment.seed,
+        &device,
+    )?;
+    let config = experiment.train_config();
+    let mut trainer = Trainer::new(model, config)?;
+    let mut data_rng = Pcg64::new(experiment.seed as u128, 0x9a0be);
+    // The same problems at every evaluation.
+    let mut eval_rng = Pcg64::new(experiment.seed as u128, 0xe7a1);
+    let lengths = probe.max_digits..=probe.max_digits + probe.lengths_beyond;
+    let eval_sets: Vec<Vec<Problem>> =
+        lengths.map(|n| sample_unique(&mut eval_rng, n, probe.problems_per_length, &HashSet::new())).collect();
+
+    let bar = ProgressBar::new(probe.steps as u64).with_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} steps, {per_sec}, ETA {eta}").expect("valid"),
+    );
+    bar.set_message(experiment.name.clone());
+    let (mut records, mut losses, mut train_seconds) = (Vec::new(), Vec::new(), 0.0);
+    for step in 1..=probe.steps {
+        let examples = batch(experiment, probe, &mut data_rng);
+        let started = Instant::now();
+        losses.push(trainer.step(&examples.iter().collect::<Vec<_>>())? as f64);
+        train_seconds += started.elapsed().as_secs_f64();
+        bar.inc(1);
+        if step % probe.eval_every.max(1) != 0 && step != probe.steps {
+            continue;
+        }
+        let loss = losses.iter().sum::<f64>() / losses.len() as f64;
+        losses.clear();
+        let solver = Solver {
+            model: &trainer.model.t5,
+            format: experiment.task.slow_format,
+            decode_batch: experiment.eval.decode_batch,
+            progress: ProgressBar::hidden(),
+            collective: &SingleRank,
+        };
+        let mut line = format!("step {step} loss {loss:.4} | slow / fast / simplify-only / stg by length:");
+        for problems in &eval_sets {
+            let (slow, fast, simplify_only, simplify_then_guess) =
+                evaluate(&solver, problems, experiment.self_training.k)?;
+            let digits = problems[0].digits();
+            line += &format!(" {digits}: {slow:.2}/{fast:.2}/{simplify_only:.2}/{simplify_then_guess:.2}");
+            records.push(ProbeRecord {
+                step,
+                loss,
+                digits,
+                problems: problems.len(),
+                slow,
+                fast,
+                simplify_only,
+                simplify_then_guess,
+                train_seconds,
+            });
+        }
+        bar.suspend(|| crate::files::append_log(&dir, &experiment.name, &line));
+        let results = dir.join(RESULTS_FILE);
+        write_atomic(&results, &csv_bytes(&records, &results)?)?;
+    }
+    bar.finish();
+    trainer.save(&dir.join(CHECKPOINT_DIR))?;
+    Ok(records)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tokenizer::decode;
+
+    fn experiment(probe: &str) -> Experiment {
+        let text = format!(
+            "name = \"probe-test\"\nscale = \"micro\"\n[model]\npreset = \"cpu-tiny\"\ndevice = \"cpu\"\n\
+             digit_positions = {{ max_index = 50 }}\n[train]\nbatch_size = 200\ndigit_offset = {{ max = 5 }}\n\
+             [task]\nslow_format = \"compact\"\n[probe]\n{probe}"
+        );
+        Experiment::parse(&text, Path::new("probe.toml")).unwrap()
+    }
+
+    /// (kind, digits) of each example of one batch, read back from its prompt.
+    fn drawn(e: &Experiment) -> Vec<(Kind, usize)> {
+        let mut rng = Pcg64::new(1, 2);
+        batch(e, e.probe.as_ref().unwrap(), &mut rng)
+            .iter()
+            .map(|(input, _)| {
+                let prompt = decode(input);
+                let kind = if prompt.starts_with("Add fast.") { Kind::Fast } else { Kind::Slow };
+                let a = prompt.split("Q: ").nth(1).unwrap().split(' ').next().unwrap().len();
+                (kind, a)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn batches_stay_within_the_taught_lengths() {
+        let examples = drawn(&experiment("max_digits = 5\nfast_share = 0.5"));
+        assert!(examples.iter().all(|&(kind, n)| n <= 5 && (kind == Kind::Fast || n >= 2)));
+        let fast = examples.iter().filter(|(kind, _)| *kind == Kind::Fast).count();
+        assert!((60..140).contains(&fast), "{fast} of 200 fast at a share of 0.5");
+        assert!(examples.iter().any(|&(_, n)| n == 1) && examples.iter().any(|&(_, n)| n == 5));
+        let top = drawn(&experiment("max_digits = 5\ntop_share = 1.0"));
+        assert!(top.iter().all(|&(kind, n)| kind == Kind::Slow && n == 5));
+    }
+
+    #[test]
+    fn a_probe_reports_every_length_at_every_evaluation() {
+        let mut e =
+            experiment("max_digits = 3\nsteps = 2\neval_every = 1\nlengths_beyond = 2\nproblems_per_length = 3");
+        e.train.batch_size = 4;
+        let dir = tempfile::tempdir().unwrap();
+        let records = run_into(&e, e.probe.as_ref().unwrap(), dir.path()).unwrap();
+        let seen: Vec<(usize, usize)> = records.iter().map(|r| (r.step, r.digits)).collect();
+        assert_eq!(seen, [(1, 3), (1, 4), (1, 5), (2, 3), (2, 4), (2, 5)]);
+        let written: Vec<ProbeRecord> =
+            crate::files::read_csv(&dir.path().join("probe-test").join(RESULTS_FILE)).unwrap();
+        assert_eq!(written.len(), 6);
+        assert!(dir.path().join("probe-test").join(CHECKPOINT_DIR).join("config.json").exists());
+    }
+}

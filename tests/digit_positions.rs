@@ -1,0 +1,115 @@
+//! Digit-position embeddings (model.rs `DigitPositions`), a CPU-scale
+//! option: cached decoding carries each row's digit run, offsets reach both
+//! stacks, a place beyond the table is an error, and checkpoints keep them.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use common::max_abs_diff;
+use sector::generate::{greedy, GreedyOptions};
+use sector::model::{DigitPositions, Dropout, Seq2SeqBatch, T5Config};
+use sector::tokenizer::encode;
+use sector::train::{DigitOffset, OffsetDraw, TrainConfig, Trainer};
+use sector::weights::Model;
+
+fn model_with_places(max_index: usize, from_right: bool) -> Model {
+    let mut cfg = T5Config::preset("cpu-tiny").unwrap();
+    cfg.digit_positions = Some(DigitPositions { max_index, from_right });
+    Model::random(&cfg, 5, &Device::Cpu, DType::F32).unwrap()
+}
+
+fn rows() -> (Vec<Vec<u32>>, Vec<Vec<u32>>) {
+    let inputs = vec![encode("Add slow.\nQ: 4821 + 7395 = ?"), encode("Add fast.\nQ: 7 + 8 = ?")];
+    let targets = vec![encode("A: 1 + 5 = 6. Digit 6. Next 482 + 739."), encode("A: 15")];
+    (inputs, targets)
+}
+
+#[test]
+fn cached_decoding_equals_a_full_pass_with_digit_places() {
+    let model = model_with_places(40, true);
+    let (inputs, targets) = rows();
+    let mut batch = Seq2SeqBatch::new(&inputs, &targets, &Device::Cpu).unwrap();
+    // Training offsets too: the decoder's places must carry them step by step.
+    batch.digit_offsets = vec![7, 0];
+    let full = model.t5.forward(&batch, &mut Dropout::off()).unwrap();
+    let encoded =
+        model.t5.encode(&batch.input_ids, &batch.input_mask, &batch.digit_offsets, &mut Dropout::off()).unwrap();
+    let mut state = model.t5.start_decoder(&encoded, &batch.input_mask, &batch.digit_offsets, true).unwrap();
+    let steps: Vec<Tensor> = (0..batch.decoder_input_ids.dim(1).unwrap())
+        .map(|t| model.t5.decode(&batch.decoder_input_ids.narrow(1, t, 1).unwrap(), &mut state, &mut Dropout::off()))
+        .collect::<candle_core::Result<_>>()
+        .unwrap();
+    let diff = max_abs_diff(&Tensor::cat(&steps, 1).unwrap(), &full);
+    assert!(diff < 1e-4, "cached decoding differs by {diff}");
+    // And the places matter: without the offsets the logits change.
+    batch.digit_offsets.clear();
+    let plain = model.t5.forward(&batch, &mut Dropout::off()).unwrap();
+    assert!(max_abs_diff(&plain, &full) > 1e-3, "offsets changed nothing");
+}
+
+#[test]
+fn a_place_beyond_the_table_is_an_error() {
+    let model = model_with_places(4, false);
+    let inputs = [encode("Q: 12345 + 1 = ?")];
+    let batch = Seq2SeqBatch::new(&inputs, &[encode("A: 12346")], &Device::Cpu).unwrap();
+    let error = model.t5.forward(&batch, &mut Dropout::off()).unwrap_err().to_string();
+    assert!(error.contains("digit place 5") && error.contains("max_index 4"), "{error}");
+    // Four digits fit, until a training offset pushes them past the table.
+    let inputs = [encode("Q: 1234 + 1 = ?")];
+    let mut batch = Seq2SeqBatch::new(&inputs, &[encode("A: 1235")], &Device::Cpu).unwrap();
+    model.t5.forward(&batch, &mut Dropout::off()).unwrap();
+    batch.digit_offsets = vec![1];
+    assert!(model.t5.forward(&batch, &mut Dropout::off()).is_err());
+}
+
+#[test]
+fn decoding_ends_a_row_whose_digits_run_past_the_table() {
+    let model = model_with_places(3, false);
+    let input = sector::tokenizer::pad_batch(&[encode("Q: 1 + 2 = ?")], &Device::Cpu).unwrap();
+    let encoded = model.t5.encode(&input.ids, &input.mask, &[], &mut Dropout::off()).unwrap();
+    let mut state = model.t5.start_decoder(&encoded, &input.mask, &[], true).unwrap();
+    let digit = encode("7")[0];
+    for _ in 0..3 {
+        assert!(state.accepts(0, digit));
+        model.t5.decode(&Tensor::new(&[[digit]], &Device::Cpu).unwrap(), &mut state, &mut Dropout::off()).unwrap();
+    }
+    assert!(!state.accepts(0, digit), "a fourth digit is beyond max_index 3");
+    assert!(state.accepts(0, encode(" ")[0]), "any other token still fits");
+    // Greedy decoding never fails on it: whatever the model writes fits or ends the row.
+    let outputs = greedy(&model.t5, &[encode("Q: 1 + 2 = ?")], GreedyOptions::new(40)).unwrap();
+    assert!(outputs[0].len() <= 40);
+}
+
+#[test]
+fn checkpoints_keep_digit_places_and_warn_transformers_users() {
+    let model = model_with_places(20, true);
+    let dir = std::env::temp_dir().join(format!("sector-digit-places-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    model.save(&dir, &mut sector::files::Manifest::default()).unwrap();
+    let config = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    assert!(config.contains("\"digit_positions\"") && config.contains("cannot reproduce"), "{config}");
+    let loaded = Model::load(dir.to_str().unwrap(), &Device::Cpu).unwrap();
+    assert_eq!(loaded.config().digit_positions, Some(DigitPositions { max_index: 20, from_right: true }));
+    let (inputs, targets) = rows();
+    let batch = Seq2SeqBatch::new(&inputs, &targets, &Device::Cpu).unwrap();
+    let (a, b) = (model.t5.forward(&batch, &mut Dropout::off()), loaded.t5.forward(&batch, &mut Dropout::off()));
+    assert_eq!(max_abs_diff(&a.unwrap(), &b.unwrap()), 0.0);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn offsets_come_from_the_seeded_stream_and_change_training() {
+    let train = |offset: DigitOffset| {
+        let config = TrainConfig { lr: 1e-3, batch_size: 4, digit_offset: offset, seed: 2, ..TrainConfig::default() };
+        let mut trainer = Trainer::new(model_with_places(40, false), config).unwrap();
+        let (inputs, targets) = rows();
+        let data: Vec<_> = inputs.into_iter().zip(targets).collect();
+        (0..3).map(|_| trainer.step(&data.iter().collect::<Vec<_>>()).unwrap()).collect::<Vec<f32>>()
+    };
+    let per_example = DigitOffset { max: 30, per: OffsetDraw::Example };
+    assert_eq!(train(per_example), train(per_example), "same seed, same offsets");
+    let none = train(DigitOffset::default());
+    assert_ne!(train(per_example), none);
+    assert_ne!(train(DigitOffset { max: 30, per: OffsetDraw::Batch }), none);
+}
