@@ -79,7 +79,7 @@ enum Command {
     /// simplify-then-guess exact match on the lengths from there on, into
     /// RUNS_DIR/<name>/probe.csv.
     Probe {
-        /// An experiment config with a [probe] table, e.g. experiments/cpu/sweep/q01-left.toml.
+        /// An experiment config with a [probe] table, e.g. experiments/cpu/probe/q01-left-o30.toml.
         config: PathBuf,
         #[arg(long, default_value = "runs")]
         runs_dir: PathBuf,
@@ -247,6 +247,14 @@ pub fn run() -> anyhow::Result<()> {
                 field: "probe".into(),
                 problem: "is missing: add a [probe] table (max_digits, steps, eval_every, ...)".into(),
             })?;
+            if experiment.model.pretrain.is_some() {
+                return Err(crate::Error::Config {
+                    path: config.clone(),
+                    field: "model.pretrain".into(),
+                    problem: "is set, but a probe starts from a preset or weights: give model.preset instead".into(),
+                }
+                .into());
+            }
             let records = crate::probe::run_into(&experiment, &probe, &runs_dir)?;
             println!("| step | digits | slow | fast | simplify-only | simplify-then-guess |\n|---:|---:|---:|---:|---:|---:|");
             let last = records.last().map_or(0, |r| r.step);

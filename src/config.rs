@@ -486,8 +486,8 @@ impl Experiment {
             Some(p) if p.max_index < self.longest_number() + offset => bad(
                 "model.digit_positions.max_index",
                 format!(
-                    "is {}; this run meets numbers of up to {} digits (self_training.last_digits plus the \
-                     evaluation's lengths beyond, plus a carry) and offsets of up to {offset}: set it to at least {}",
+                    "is {}; this run meets numbers of up to {} digits (the longest problem it trains, evaluates \
+                     or probes, plus a carry) and offsets of up to {offset}: set it to at least {}",
                     p.max_index,
                     self.longest_number(),
                     self.longest_number() + offset

@@ -58,9 +58,6 @@ pub struct PretrainTraining {
     pub batch_size: usize,
     pub max_tokens_per_micro_batch: usize,
     pub epochs: usize,
-    /// Digit-place offsets, for a model with `model.digit_positions`.
-    #[serde(default, skip_serializing_if = "crate::train::DigitOffset::is_none")]
-    pub digit_offset: crate::train::DigitOffset,
 }
 
 /// The string-skill data: numbers of min_digits up to a maximum length that
@@ -215,7 +212,8 @@ pub fn run_into(config: &PretrainConfig, runs_root: &Path) -> Result<PathBuf> {
             seed: config.seed,
             warmup_steps: t.warmup_steps,
             lr_schedule: t.lr_schedule,
-            digit_offset: t.digit_offset,
+            // The string skills draw no digit-place offsets.
+            digit_offset: crate::train::DigitOffset::default(),
         };
         Trainer::new(model, train_config)?
     };

@@ -1,6 +1,6 @@
 //! The length-generalisation probe: does one slow step carry to numbers
-//! longer than the model was taught? It answers in minutes what a full run
-//! answers in hours.
+//! longer than the model was taught? It answers in about an hour at one
+//! thread what a curriculum run answers in several.
 //!
 //! The model of an experiment config trains for a bounded number of steps on
 //! fresh script problems of up to `probe.max_digits` digits (every batch new,
@@ -116,8 +116,9 @@ fn evaluate(solver: &Solver, problems: &[Problem], k: usize) -> Result<(f64, f64
 }
 
 /// Runs `probe` on the model and training settings of `experiment` into
-/// RUNS_DIR/<name> (probe.csv, log.txt, the final checkpoint) and returns
-/// its records. A probe is minutes long, so it starts afresh every time.
+/// RUNS_DIR/<name> (probe.csv, run.log, the final checkpoint) and returns
+/// its records. It starts afresh every time (probe.csv is rewritten after
+/// each evaluation, so an interrupted probe keeps what it measured).
 pub fn run_into(experiment: &Experiment, probe: &ProbeSettings, runs_root: &Path) -> Result<Vec<ProbeRecord>> {
     let dir = runs_root.join(&experiment.name);
     std::fs::create_dir_all(&dir).map_err(|e| crate::Error::io(&dir, e))?;

@@ -183,3 +183,22 @@ fn eval_names_the_bad_line_of_a_problem_set() {
     );
     assert!(!out.exists(), "nothing written on bad input");
 }
+
+#[test]
+fn probe_refuses_a_config_it_cannot_probe() {
+    let dir = tempfile::tempdir().unwrap();
+    let head = "name = \"p\"\nscale = \"cpu\"\n[model]\n";
+    for (body, field) in [
+        ("preset = \"cpu-tiny\"\ndevice = \"cpu\"\n", "probe"),
+        ("pretrain = \"experiments/cpu/pretrain.toml\"\ndevice = \"cpu\"\n[probe]\nmax_digits = 3\n", "model.pretrain"),
+    ] {
+        let config = dir.path().join("p.toml");
+        std::fs::write(&config, format!("{head}{body}")).unwrap();
+        let runs = dir.path().join("runs");
+        let output =
+            sector(&["probe", config.to_str().unwrap(), "--runs-dir", runs.to_str().unwrap()], dir.path(), None);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success() && stderr.contains("p.toml") && stderr.contains(field), "{field}: {stderr}");
+        assert!(!runs.exists(), "nothing is written for a refused config");
+    }
+}
