@@ -23,8 +23,7 @@ DEVICE ?= $(if $(filter paper,$(SCALE)),cuda,cpu)
 RESULTS := results/$(SCALE)
 # CPU-scale runs take one thread each: the narrow reference model trains only
 # 10 % faster on two cores than on one, and two runs side by side (make -j2)
-# get 80 % more done. Checkpoints are bit-identical only at the same thread
-# count, so it is fixed here for the recorded runs' scale.
+# get 80 % more done. (Checkpoints have the same bits at any thread count.)
 THREADS_cpu := 1
 RUN_ENV := $(if $(THREADS_$(SCALE)),RAYON_NUM_THREADS=$(THREADS_$(SCALE)))
 
@@ -55,7 +54,7 @@ demo: build  ## the SECToR loop end to end on experiments/micro/main.toml (machi
 main: build  ## the main job: rerun the reference experiment of SCALE (cpu: about an hour) into runs/, then check it against the recorded run
 	$(RUN_ENV) $(SECTOR) run experiments/$(SCALE)/main.toml --runs-dir $(RUNS) --device $(DEVICE) --gpus $(GPUS)
 	$(SECTOR) verify $(RUNS)/$(SCALE)-main --against $(RESULTS)/main/run-manifest.sha256 || \
-	  (echo "Supervised datasets match on any machine; checkpoints and self-generated data only on the machine type and thread count that recorded them (REPRODUCE.md, 'Hashes')."; exit 1)
+	  (echo "The rerun differs from the recording: see the lines above (REPRODUCE.md, 'Hashes and sector verify')."; exit 1)
 
 run: build  ## run (or resume) an experiment: make run CONFIG=experiments/NAME.toml [GPUS=8 FEATURES=nccl]
 	$(SECTOR) run $(CONFIG) --runs-dir $(RUNS) --gpus $(GPUS)

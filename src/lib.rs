@@ -5,6 +5,7 @@
 //! - `tokenizer`: ByT5's byte vocabulary and batch padding;
 //! - `model`: T5 v1.1 / ByT5 written for training (one file);
 //! - `kernels`: fused CPU softmax, GELU and RMS norm with their backward passes;
+//! - `matmul`: CPU matrix products whose bits do not depend on the cache sizes;
 //! - `weights`: seeded initialisation, Hugging Face checkpoints and the hub cache;
 //! - `train`: Adam, length-grouped micro-batches, resumable checkpoints;
 //! - `parallel`: data parallelism over ranks (NCCL between GPUs);
@@ -22,6 +23,7 @@
 //! - `fewshot`: Table 2, models out of the box with a ten-shot prompt;
 //! - `report`, `figures`: the paper's tables and figures from recorded results;
 //! - `files`: atomic writes, sha256 manifests, recording a run's results;
+//! - `provenance`: the machine, kernels and build behind a run, and when bytes compare;
 //! - `bench`: throughput of the training and decoding kernels;
 //! - `cli`: the `sector` command line.
 
@@ -38,11 +40,13 @@ pub mod figures;
 pub mod files;
 pub mod generate;
 pub mod kernels;
+pub mod matmul;
 pub mod memory;
 pub mod model;
 pub mod parallel;
 pub mod pretrain;
 pub mod probe;
+pub mod provenance;
 pub mod report;
 pub mod sector;
 pub mod task;

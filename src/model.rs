@@ -395,7 +395,9 @@ impl Dropout {
 
 /// A linear layer without bias, weight (out, in) as transformers stores it.
 /// (b, t, in) inputs are multiplied as one (b * t, in) matrix: one large
-/// gemm instead of b small ones against a broadcast weight.
+/// gemm instead of b small ones against a broadcast weight. The product is
+/// src/matmul.rs's, so the weight gradient (summed over all b * t tokens)
+/// has the same bits on any CPU.
 struct Linear {
     weight: Tensor,
 }
@@ -407,7 +409,7 @@ impl Linear {
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let (b, t, in_dim) = xs.dims3()?;
-        xs.reshape((b * t, in_dim))?.matmul(&self.weight.t()?)?.reshape((b, t, ()))
+        crate::matmul::matmul(&xs.reshape((b * t, in_dim))?, &self.weight.t()?)?.reshape((b, t, ()))
     }
 }
 

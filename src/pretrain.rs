@@ -18,6 +18,7 @@ use crate::error::{Error, Result};
 use crate::files::{csv_bytes, read_csv};
 use crate::generate::greedy_text;
 use crate::model::select_device;
+use crate::provenance::Provenance;
 use crate::task::random_operand;
 use crate::tokenizer::encode;
 use crate::train::{Example, LrSchedule, TrainConfig, Trainer};
@@ -228,6 +229,10 @@ pub fn run_into(config: &PretrainConfig, runs_root: &Path) -> Result<PathBuf> {
     let s = &config.strings;
     let mut max_digits = records.last().map_or(s.start_max_digits, |r| r.next_max_digits);
     let mut finished = records.last().is_some_and(|r| r.finished);
+    if !finished && records.len() < config.train.epochs {
+        let machine = Provenance::record_session(&dir, &mut manifest, records.len() + 1, &config.model.device)?;
+        log(&format!("machine: {}", machine.describe()));
+    }
     for epoch in records.len() + 1..=config.train.epochs {
         if finished {
             break;

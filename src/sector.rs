@@ -23,6 +23,7 @@ use crate::files::{csv_bytes, read_csv, Manifest, RunLock, CONFIG_FILE};
 use crate::memory::{device_capacity, MemoryPlan};
 use crate::model::select_device;
 use crate::parallel::{self, Collective};
+use crate::provenance::Provenance;
 use crate::task::{sample_unique, Kind, Oracle, Problem};
 use crate::tokenizer::encode;
 use crate::train::{Example, Trainer};
@@ -393,7 +394,7 @@ impl<'a> Run<'a> {
         generation.retain(|r| r.stage <= finished);
         let device = select_device(&experiment.model.device)?;
         let runs_root = runs_root.to_path_buf();
-        let run = Run {
+        let mut run = Run {
             experiment,
             dir,
             runs_root,
@@ -408,6 +409,12 @@ impl<'a> Run<'a> {
         };
         if finished > 0 {
             run.log(&format!("resuming after stage {finished}"));
+        }
+        let done = run.records.last().is_some_and(|r| r.next_phase == Phase::Stop);
+        if writer && !done {
+            let device = run.experiment.model.device.clone();
+            let machine = Provenance::record_session(&run.dir, &mut run.manifest, finished + 1, &device)?;
+            run.log(&format!("machine: {}", machine.describe()));
         }
         Ok(run)
     }

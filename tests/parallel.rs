@@ -53,7 +53,7 @@ fn on_two_ranks<T: Send>(work: impl Fn(Arc<dyn Collective>) -> T + Sync) -> Vec<
 
 #[test]
 fn two_ranks_take_the_same_steps_as_one_process() {
-    let data: Vec<Example> = copy_examples(128, 4);
+    let data: Vec<Example> = copy_examples(128, 3, 4);
     let batch: Vec<&Example> = data[..32].iter().collect();
     assert!(micro_batches(&batch, 40).len() >= 4, "the test needs batches split across ranks");
     let train = |trainer: &mut Trainer| (0..2).map(|_| trainer.epoch(&data).unwrap()).collect::<Vec<f32>>();

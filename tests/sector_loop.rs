@@ -9,6 +9,7 @@ use common::records_without_time;
 use sector::config::Experiment;
 use sector::files::{read_csv, sha256_file};
 use sector::parallel::SingleRank;
+use sector::provenance::Provenance;
 use sector::sector::{run, DataRow, Phase, StageRecord};
 use sector::task::{Oracle, Problem, SlowFormat, TrueOracle};
 use std::cell::Cell;
@@ -128,10 +129,19 @@ fn a_killed_run_resumes_to_the_same_result() {
     assert!(sector(&[]).wait().unwrap().success(), "the resumed run succeeds");
     let (resumed, reference) = (runs.path().join("micro-main"), reference_run().join("micro-main"));
     assert_eq!(records_without_time(&resumed), records_without_time(&reference));
+    // provenance.toml has a session per start: the first from stage 1, the
+    // resumed one from the first unfinished stage.
+    let sessions =
+        |dir: &Path| -> Vec<usize> { Provenance::load(dir).unwrap().session.iter().map(|s| s.from).collect() };
+    assert_eq!(sessions(&reference), [1]);
+    assert_eq!(sessions(&resumed), [1, finished.len() + 1]);
     // Datasets, checkpoints and results: byte for byte.
     let compared: Vec<PathBuf> = files_under(&reference)
         .into_iter()
-        .filter(|f| !["stages.csv", "manifest.sha256", "run.log"].contains(&f.file_name().unwrap().to_str().unwrap()))
+        .filter(|f| {
+            !["stages.csv", "manifest.sha256", "run.log", "provenance.toml"]
+                .contains(&f.file_name().unwrap().to_str().unwrap())
+        })
         .collect();
     assert!(compared.iter().any(|f| f.ends_with("data/stage-01.csv")));
     for file in compared {

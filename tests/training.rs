@@ -32,8 +32,8 @@ fn exact_match(trainer: &Trainer, data: &[Example]) -> f64 {
 fn a_tiny_model_learns_to_copy_digit_strings() {
     // Strings of 1 to 3 digits; held-out strings may also occur in training
     // (there are only 1,110), the point is that greedy decoding gets all right.
-    let train = copy_examples(4000, 1);
-    let held_out = copy_examples(200, 2);
+    let train = copy_examples(4000, 3, 1);
+    let held_out = copy_examples(200, 3, 2);
     let mut trainer = tiny_trainer(0, 1e-3, 32, false);
     let mut accuracy = 0.0;
     for epoch in 1..=MAX_EPOCHS {
@@ -54,7 +54,7 @@ const MAX_EPOCHS: usize = 20;
 
 /// Trains `epochs` epochs, saving and reloading after each one when `resume`.
 fn train_run(dir: &Path, epochs: usize, resume: bool) -> Trainer {
-    let data = copy_examples(96, 5);
+    let data = copy_examples(96, 3, 5);
     let mut trainer = tiny_trainer(9, 1e-3, 32, true);
     for epoch in 0..epochs {
         trainer.epoch(&data).unwrap();
@@ -108,7 +108,7 @@ fn a_flipped_byte_in_a_checkpoint_is_caught() {
 
 #[test]
 fn gradient_accumulation_equals_one_big_batch() {
-    let data = copy_examples(64, 7);
+    let data = copy_examples(64, 3, 7);
     let batch: Vec<&Example> = data.iter().collect();
     let mut whole = tiny_trainer(4, 1e-3, 64, false);
     whole.config.max_tokens_per_micro_batch = usize::MAX;
@@ -139,7 +139,7 @@ fn bf16_training_lowers_the_loss() {
         ..TrainConfig::default()
     };
     let mut trainer = Trainer::new(model, config).unwrap();
-    let data = copy_examples(128, 3);
+    let data = copy_examples(128, 3, 3);
     let first = trainer.epoch(&data).unwrap();
     let mut last = first;
     for _ in 0..4 {

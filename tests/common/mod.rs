@@ -32,13 +32,14 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
 }
 
-/// Copy task: a string of 1 to 3 digits, and the same string as the target.
-pub fn copy_examples(n: usize, seed: u64) -> Vec<Example> {
+/// Copy task: a string of 1 to `max_digits` digits, and the same string as
+/// the target.
+pub fn copy_examples(n: usize, max_digits: usize, seed: u64) -> Vec<Example> {
     use rand::{Rng, SeedableRng};
     let mut rng = rand_pcg::Pcg64::seed_from_u64(seed);
     (0..n)
         .map(|_| {
-            let len = rng.random_range(1..=3);
+            let len = rng.random_range(1..=max_digits);
             let digits: String = (0..len).map(|_| char::from(b'0' + rng.random_range(0..10u8))).collect();
             (sector::tokenizer::encode(&digits), sector::tokenizer::encode(&digits))
         })
