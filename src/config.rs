@@ -478,7 +478,15 @@ impl Experiment {
                 "is a CPU-scale deviation: paper-scale runs are ByT5 as published, remove it".into(),
             );
         }
-        match self.model.digit_positions {
+        // Pretrained weights in a directory (e.g. another run's checkpoint)
+        // bring their own tables in config.json; hub ids (ByT5) have none.
+        let digit_positions = match &self.model.weights {
+            Some(dir) if Path::new(dir).is_dir() => {
+                crate::weights::read_config(&crate::weights::resolve(dir)?.config)?.digit_positions
+            }
+            _ => self.model.digit_positions,
+        };
+        match digit_positions {
             None if offset > 0 => bad(
                 "train.digit_offset",
                 format!("is {offset}, but the model has no digit positions: set model.digit_positions or remove it"),
@@ -579,6 +587,31 @@ mod tests {
         assert_eq!(e.model_config().unwrap().d_model, 384);
         assert_eq!(e.supervised.start_self_training, StartSelfTraining::When(StartWhen::WhenSlowGeneralises));
         assert_eq!(e.task.slow_format, SlowFormat::Compact);
+    }
+
+    #[test]
+    fn a_checkpoint_directory_brings_its_own_digit_places() {
+        use crate::model::{DigitPositions, T5Config};
+        let save = |digit_positions: Option<DigitPositions>| {
+            let mut cfg = T5Config::preset("cpu-tiny").unwrap();
+            cfg.digit_positions = digit_positions;
+            let dir = tempfile::tempdir().unwrap();
+            let model = crate::weights::Model::random(&cfg, 1, &candle_core::Device::Cpu, candle_core::DType::F32);
+            model.unwrap().save(dir.path(), &mut crate::files::Manifest::default()).unwrap();
+            dir
+        };
+        let config = |dir: &tempfile::TempDir| {
+            format!(
+                "name = \"x\"\nscale = \"cpu\"\n[model]\nweights = \"{}\"\ndevice = \"cpu\"\n\
+                 [train]\ndigit_offset = {{ max = 10 }}",
+                dir.path().display()
+            )
+        };
+        let with_places = save(Some(DigitPositions { max_index: 100, from_right: false }));
+        assert!(parse(&config(&with_places)).is_ok());
+        let without = save(None);
+        let message = parse(&config(&without)).unwrap_err().to_string();
+        assert!(message.contains("train.digit_offset") && message.contains("no digit positions"), "{message}");
     }
 
     #[test]
