@@ -1,6 +1,8 @@
 //! sector's T5 against Hugging Face transformers on the committed fixture
-//! (tests/fixtures/make_t5_fixture.py), and the model's own consistency:
-//! padding does not change a row, and cached decoding equals a full pass.
+//! (tests/fixtures/make_t5_fixture.py), against candle-transformers' T5 (a
+//! second, independent Rust implementation) on a checkpoint sector saves, and
+//! the model's own consistency: padding does not change a row, and cached
+//! decoding equals a full pass.
 
 mod common;
 
@@ -45,6 +47,55 @@ fn logits_and_loss_match_transformers() {
     let loss = (model.t5.loss_sum(&batch, &mut Dropout::off()).unwrap() / batch.num_target_tokens as f64).unwrap();
     let (ours, theirs) = (loss.to_scalar::<f32>().unwrap(), g["loss"].to_vec1::<f32>().unwrap()[0]);
     assert!((ours - theirs).abs() < 1e-4, "loss {ours} vs transformers {theirs}");
+}
+
+/// candle-transformers' T5 (0.11) takes no attention mask, so the comparison
+/// uses an unpadded batch: prompts of one length, targets of one length. Its
+/// decoder buckets relative positions by the encoder's bidirectional rule
+/// (its code says "This only handles the bidirectional case"), which equals
+/// transformers' causal rule only for distances up to 8 (32 buckets): the
+/// logits agree for decoder inputs of up to 9 tokens, and differ beyond,
+/// where ours follow transformers (logits_and_loss_match_transformers).
+/// Tolerance 1e-4 (measured: at most 7e-5 on the logits, 3e-6 on the
+/// encoder output): both compute in f32 and sum in different orders.
+#[test]
+fn candle_transformers_t5_agrees_on_a_checkpoint_we_save_up_to_its_decoder_limit() {
+    use candle_transformers::models::t5 as reference;
+    let model =
+        Model::random(&sector::model::T5Config::preset("cpu-small").unwrap(), 11, &Device::Cpu, DType::F32).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    model.save(dir.path(), &mut sector::files::Manifest::default()).unwrap();
+    let config: reference::Config =
+        serde_json::from_slice(&std::fs::read(dir.path().join("config.json")).unwrap()).unwrap();
+    let weights = [dir.path().join("model.safetensors")];
+    // Safety: the file is ours and nobody writes it while it is mapped.
+    let vb = unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&weights, DType::F32, &Device::Cpu) }.unwrap();
+    let mut theirs = reference::T5ForConditionalGeneration::load(vb, &config).unwrap();
+
+    let encode = sector::tokenizer::encode;
+    let inputs = vec![encode("Add slow.\nQ: 4821 + 7395 = ?"), encode("Add fast.\nQ: 9076 + 1238 = ?")];
+    let targets = vec![encode("A: 1 + 5 = 6. Digit"), encode("A: 10314 and more!!")]; // 20 tokens each
+                                                                                      // (max |ours - theirs| of the last position's logits, of the encoder output)
+                                                                                      // with the first `len` target tokens as decoder input.
+    let mut differences = |len: usize| {
+        let prefixes: Vec<Vec<u32>> = targets.iter().map(|t| t[..len].to_vec()).collect();
+        let batch = Seq2SeqBatch::new(&inputs, &prefixes, &Device::Cpu).unwrap();
+        let mask_sum = batch.input_mask.to_dtype(DType::F32).unwrap().sum_all().unwrap();
+        assert_eq!(mask_sum.to_scalar::<f32>().unwrap() as usize, batch.input_ids.elem_count(), "unpadded");
+        let ours = model.t5.encode(&batch.input_ids, &batch.input_mask, &[], &mut Dropout::off()).unwrap();
+        theirs.clear_kv_cache();
+        let encoded = theirs.encode(&batch.input_ids).unwrap();
+        let logits = model.t5.forward(&batch, &mut Dropout::off()).unwrap(); // (batch, len, vocab)
+        let last = theirs.decode(&batch.decoder_input_ids, &encoded).unwrap(); // (batch, vocab)
+        (max_abs_diff(&logits.i((.., len - 1)).unwrap(), &last), max_abs_diff(&ours, &encoded))
+    };
+    for len in 1..=9 {
+        let (logits, encoder) = differences(len);
+        assert!(encoder < 1e-4, "encoder output: max |difference| {encoder}");
+        assert!(logits < 1e-4, "{len} decoder tokens: max |logit difference| {logits}");
+    }
+    let (logits, _) = differences(20);
+    assert!(logits > 1e-2, "20 decoder tokens: candle-transformers now agrees ({logits}): update REPRODUCE.md");
 }
 
 #[test]
