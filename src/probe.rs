@@ -4,7 +4,8 @@
 //!
 //! The model of an experiment config trains for a bounded number of steps on
 //! fresh script problems of up to `probe.max_digits` digits (every batch new,
-//! so it cannot memorise), and every `eval_every` steps it is asked problems
+//! so it cannot memorise; or, with `pool_size`, a fixed pool drawn once, as
+//! a curriculum stage's dataset is), and every `eval_every` steps it is asked problems
 //! of max_digits..=max_digits + lengths_beyond digits: one-step slow, fast,
 //! simplify-only and simplify-then-guess, each by exact match. Ground truth
 //! above max_digits only measures; it never trains.
@@ -48,6 +49,15 @@ pub struct ProbeSettings {
     pub lengths_beyond: usize,
     /// Problems per evaluated length.
     pub problems_per_length: usize,
+    /// 0: fresh examples every batch. Otherwise train on this many examples
+    /// drawn once and visited in a new shuffled order every pass, like the
+    /// fixed dataset of a curriculum stage.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub pool_size: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 impl Default for ProbeSettings {
@@ -60,6 +70,7 @@ impl Default for ProbeSettings {
             top_share: 0.0,
             lengths_beyond: 8,
             problems_per_length: 50,
+            pool_size: 0,
         }
     }
 }
@@ -80,23 +91,44 @@ pub struct ProbeRecord {
     pub train_seconds: f64,
 }
 
-/// Fresh training examples of one batch.
-fn batch(experiment: &Experiment, probe: &ProbeSettings, rng: &mut Pcg64) -> Vec<Example> {
-    let format = experiment.task.slow_format;
-    (0..experiment.train.batch_size)
-        .map(|_| {
-            let kind = if rng.random_bool(probe.fast_share) { Kind::Fast } else { Kind::Slow };
-            let shortest = if kind == Kind::Slow { 2 } else { 1 };
-            let digits = if rng.random_bool(probe.top_share) {
-                probe.max_digits
-            } else {
-                rng.random_range(shortest..=probe.max_digits)
-            };
-            let problem = random_problem(rng, digits);
-            let target = TrueOracle.target(&problem, kind, format);
-            (crate::tokenizer::encode(&problem.prompt(kind)), crate::tokenizer::encode(&target))
-        })
-        .collect()
+/// One fresh training example.
+fn example(experiment: &Experiment, probe: &ProbeSettings, rng: &mut Pcg64) -> Example {
+    let kind = if rng.random_bool(probe.fast_share) { Kind::Fast } else { Kind::Slow };
+    let shortest = if kind == Kind::Slow { 2 } else { 1 };
+    let digits =
+        if rng.random_bool(probe.top_share) { probe.max_digits } else { rng.random_range(shortest..=probe.max_digits) };
+    let problem = random_problem(rng, digits);
+    let target = TrueOracle.target(&problem, kind, experiment.task.slow_format);
+    (crate::tokenizer::encode(&problem.prompt(kind)), crate::tokenizer::encode(&target))
+}
+
+/// Where the probe's batches come from: fresh examples, or a fixed pool.
+struct Examples {
+    pool: Vec<Example>,
+    /// Indices into `pool` of the current pass, consumed from the back.
+    order: Vec<usize>,
+}
+
+impl Examples {
+    fn new(experiment: &Experiment, probe: &ProbeSettings, rng: &mut Pcg64) -> Self {
+        let pool = (0..probe.pool_size).map(|_| example(experiment, probe, rng)).collect();
+        Examples { pool, order: Vec::new() }
+    }
+
+    fn batch(&mut self, experiment: &Experiment, probe: &ProbeSettings, rng: &mut Pcg64) -> Vec<Example> {
+        (0..experiment.train.batch_size)
+            .map(|_| {
+                if self.pool.is_empty() {
+                    return example(experiment, probe, rng);
+                }
+                if self.order.is_empty() {
+                    self.order = (0..self.pool.len()).collect();
+                    rand::seq::SliceRandom::shuffle(self.order.as_mut_slice(), rng);
+                }
+                self.pool[self.order.pop().expect("refilled above")].clone()
+            })
+            .collect()
+    }
 }
 
 /// Exact-match rates of one length's problems.
@@ -132,6 +164,7 @@ pub fn run_into(experiment: &Experiment, probe: &ProbeSettings, runs_root: &Path
     let config = experiment.train_config();
     let mut trainer = Trainer::new(model, config)?;
     let mut data_rng = Pcg64::new(experiment.seed as u128, 0x9a0be);
+    let mut examples = Examples::new(experiment, probe, &mut data_rng);
     // The same problems at every evaluation.
     let mut eval_rng = Pcg64::new(experiment.seed as u128, 0xe7a1);
     let lengths = probe.max_digits..=probe.max_digits + probe.lengths_beyond;
@@ -144,9 +177,9 @@ pub fn run_into(experiment: &Experiment, probe: &ProbeSettings, runs_root: &Path
     bar.set_message(experiment.name.clone());
     let (mut records, mut losses, mut train_seconds) = (Vec::new(), Vec::new(), 0.0);
     for step in 1..=probe.steps {
-        let examples = batch(experiment, probe, &mut data_rng);
+        let batch = examples.batch(experiment, probe, &mut data_rng);
         let started = Instant::now();
-        losses.push(trainer.step(&examples.iter().collect::<Vec<_>>())? as f64);
+        losses.push(trainer.step(&batch.iter().collect::<Vec<_>>())? as f64);
         train_seconds += started.elapsed().as_secs_f64();
         bar.inc(1);
         if step % probe.eval_every.max(1) != 0 && step != probe.steps {
@@ -204,8 +237,9 @@ mod tests {
 
     /// (kind, digits) of each example of one batch, read back from its prompt.
     fn drawn(e: &Experiment) -> Vec<(Kind, usize)> {
-        let mut rng = Pcg64::new(1, 2);
-        batch(e, e.probe.as_ref().unwrap(), &mut rng)
+        let (mut rng, probe) = (Pcg64::new(1, 2), e.probe.as_ref().unwrap());
+        Examples::new(e, probe, &mut rng)
+            .batch(e, probe, &mut rng)
             .iter()
             .map(|(input, _)| {
                 let prompt = decode(input);
@@ -225,6 +259,19 @@ mod tests {
         assert!(examples.iter().any(|&(_, n)| n == 1) && examples.iter().any(|&(_, n)| n == 5));
         let top = drawn(&experiment("max_digits = 5\ntop_share = 1.0"));
         assert!(top.iter().all(|&(kind, n)| kind == Kind::Slow && n == 5));
+    }
+
+    #[test]
+    fn a_pool_is_drawn_once_and_visited_whole_before_repeating() {
+        let e = experiment("max_digits = 5\nfast_share = 0.5\npool_size = 300");
+        let (mut rng, probe) = (Pcg64::new(1, 2), e.probe.as_ref().unwrap());
+        let mut examples = Examples::new(&e, probe, &mut rng);
+        let pool: HashSet<Example> = examples.pool.iter().cloned().collect();
+        // Batches of 200: the first pass ends inside the second batch.
+        let (first, second) = (examples.batch(&e, probe, &mut rng), examples.batch(&e, probe, &mut rng));
+        let first_pass: HashSet<&Example> = first.iter().chain(&second[..100]).collect();
+        assert_eq!(first_pass.len(), pool.len(), "every pooled example once in a pass");
+        assert!(first.iter().chain(&second).all(|x| pool.contains(x)), "nothing from outside the pool");
     }
 
     #[test]
