@@ -54,6 +54,10 @@ pub struct ProbeSettings {
     /// fixed dataset of a curriculum stage.
     #[serde(skip_serializing_if = "is_zero")]
     pub pool_size: usize,
+    /// Every problem drawn with its commutative twin (b + a), as PROTOCOL
+    /// section 2 draws a curriculum's problems.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub twins: bool,
 }
 
 fn is_zero(n: &usize) -> bool {
@@ -71,6 +75,7 @@ impl Default for ProbeSettings {
             lengths_beyond: 8,
             problems_per_length: 50,
             pool_size: 0,
+            twins: false,
         }
     }
 }
@@ -91,15 +96,22 @@ pub struct ProbeRecord {
     pub train_seconds: f64,
 }
 
-/// One fresh training example.
-fn example(experiment: &Experiment, probe: &ProbeSettings, rng: &mut Pcg64) -> Example {
+/// One fresh training problem and its kind, followed by its commutative twin
+/// when `probe.twins` is set (as in a curriculum stage's dataset).
+fn examples(experiment: &Experiment, probe: &ProbeSettings, rng: &mut Pcg64) -> Vec<Example> {
     let kind = if rng.random_bool(probe.fast_share) { Kind::Fast } else { Kind::Slow };
     let shortest = if kind == Kind::Slow { 2 } else { 1 };
     let digits =
         if rng.random_bool(probe.top_share) { probe.max_digits } else { rng.random_range(shortest..=probe.max_digits) };
     let problem = random_problem(rng, digits);
-    let target = TrueOracle.target(&problem, kind, experiment.task.slow_format);
-    (crate::tokenizer::encode(&problem.prompt(kind)), crate::tokenizer::encode(&target))
+    let twin = probe.twins.then(|| problem.twin());
+    let format = experiment.task.slow_format;
+    std::iter::once(problem)
+        .chain(twin)
+        .map(|p| {
+            (crate::tokenizer::encode(&p.prompt(kind)), crate::tokenizer::encode(&TrueOracle.target(&p, kind, format)))
+        })
+        .collect()
 }
 
 /// Where the probe's batches come from: fresh examples, or a fixed pool.
@@ -107,19 +119,29 @@ struct Examples {
     pool: Vec<Example>,
     /// Indices into `pool` of the current pass, consumed from the back.
     order: Vec<usize>,
+    /// Fresh examples drawn but not yet batched (a twin waits here).
+    fresh: Vec<Example>,
 }
 
 impl Examples {
     fn new(experiment: &Experiment, probe: &ProbeSettings, rng: &mut Pcg64) -> Self {
-        let pool = (0..probe.pool_size).map(|_| example(experiment, probe, rng)).collect();
-        Examples { pool, order: Vec::new() }
+        let mut pool = Vec::with_capacity(probe.pool_size + 1);
+        while pool.len() < probe.pool_size {
+            pool.extend(examples(experiment, probe, rng));
+        }
+        pool.truncate(probe.pool_size);
+        Examples { pool, order: Vec::new(), fresh: Vec::new() }
     }
 
     fn batch(&mut self, experiment: &Experiment, probe: &ProbeSettings, rng: &mut Pcg64) -> Vec<Example> {
         (0..experiment.train.batch_size)
             .map(|_| {
                 if self.pool.is_empty() {
-                    return example(experiment, probe, rng);
+                    if self.fresh.is_empty() {
+                        self.fresh = examples(experiment, probe, rng);
+                        self.fresh.reverse();
+                    }
+                    return self.fresh.pop().expect("refilled above");
                 }
                 if self.order.is_empty() {
                     self.order = (0..self.pool.len()).collect();
@@ -235,14 +257,17 @@ mod tests {
         Experiment::parse(&text, Path::new("probe.toml")).unwrap()
     }
 
+    /// The prompts of one batch of 200.
+    fn drawn_prompts(e: &Experiment) -> Vec<String> {
+        let (mut rng, probe) = (Pcg64::new(1, 2), e.probe.as_ref().unwrap());
+        Examples::new(e, probe, &mut rng).batch(e, probe, &mut rng).iter().map(|(input, _)| decode(input)).collect()
+    }
+
     /// (kind, digits) of each example of one batch, read back from its prompt.
     fn drawn(e: &Experiment) -> Vec<(Kind, usize)> {
-        let (mut rng, probe) = (Pcg64::new(1, 2), e.probe.as_ref().unwrap());
-        Examples::new(e, probe, &mut rng)
-            .batch(e, probe, &mut rng)
+        drawn_prompts(e)
             .iter()
-            .map(|(input, _)| {
-                let prompt = decode(input);
+            .map(|prompt| {
                 let kind = if prompt.starts_with("Add fast.") { Kind::Fast } else { Kind::Slow };
                 let a = prompt.split("Q: ").nth(1).unwrap().split(' ').next().unwrap().len();
                 (kind, a)
@@ -272,6 +297,20 @@ mod tests {
         let first_pass: HashSet<&Example> = first.iter().chain(&second[..100]).collect();
         assert_eq!(first_pass.len(), pool.len(), "every pooled example once in a pass");
         assert!(first.iter().chain(&second).all(|x| pool.contains(x)), "nothing from outside the pool");
+    }
+
+    #[test]
+    fn twins_follow_their_problems() {
+        let e = experiment("max_digits = 5\nfast_share = 0.5\ntwins = true");
+        let batch = drawn_prompts(&e);
+        for pair in batch.chunks(2) {
+            let numbers = |prompt: &str| -> Vec<String> {
+                prompt.split("Q: ").nth(1).unwrap().split(' ').step_by(2).take(2).map(String::from).collect()
+            };
+            let (first, second) = (numbers(&pair[0]), numbers(&pair[1]));
+            assert_eq!((first[0].clone(), first[1].clone()), (second[1].clone(), second[0].clone()), "{pair:?}");
+            assert_eq!(pair[0].split('\n').next(), pair[1].split('\n').next(), "one kind per pair");
+        }
     }
 
     #[test]
