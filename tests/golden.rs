@@ -74,9 +74,10 @@ fn candle_transformers_t5_agrees_on_a_checkpoint_we_save_up_to_its_decoder_limit
 
     let encode = sector::tokenizer::encode;
     let inputs = vec![encode("Add slow.\nQ: 4821 + 7395 = ?"), encode("Add fast.\nQ: 9076 + 1238 = ?")];
-    let targets = vec![encode("A: 1 + 5 = 6. Digit"), encode("A: 10314 and more!!")]; // 20 tokens each
-                                                                                      // (max |ours - theirs| of the last position's logits, of the encoder output)
-                                                                                      // with the first `len` target tokens as decoder input.
+    // 20 tokens each.
+    let targets = [encode("A: 1 + 5 = 6. Digit"), encode("A: 10314 and more!!")];
+    // (max |ours - theirs| of the last position's logits, of the encoder output)
+    // with the first `len` target tokens as decoder input.
     let mut differences = |len: usize| {
         let prefixes: Vec<Vec<u32>> = targets.iter().map(|t| t[..len].to_vec()).collect();
         let batch = Seq2SeqBatch::new(&inputs, &prefixes, &Device::Cpu).unwrap();
