@@ -118,11 +118,19 @@ impl Manifest {
     /// Every missing or changed file under `dir`, each as a message naming it
     /// (empty when all match). `sector verify` reports them all at once.
     pub fn problems(&self, dir: &Path) -> Vec<String> {
+        self.failing(dir).into_values().collect()
+    }
+
+    /// `problems`, keyed by the manifest name of the file each is about.
+    pub fn failing(&self, dir: &Path) -> BTreeMap<String, String> {
         self.entries
             .keys()
-            .filter_map(|name| match read(&dir.join(name)) {
-                Err(e) => Some(format!("missing: {e}")),
-                Ok(bytes) => self.verify_bytes(dir, name, &bytes).err().map(|e| format!("changed: {e}")),
+            .filter_map(|name| {
+                let problem = match read(&dir.join(name)) {
+                    Err(e) => Some(format!("missing: {e}")),
+                    Ok(bytes) => self.verify_bytes(dir, name, &bytes).err().map(|e| format!("changed: {e}")),
+                };
+                Some((name.clone(), problem?))
             })
             .collect()
     }

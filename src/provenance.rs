@@ -217,7 +217,8 @@ pub fn check_rerun(run_dir: &Path, recorded_manifest: &Path) -> Result<RerunChec
     // Every file is hashed once, here; below the rerun's manifest stands for
     // its files (any file that disagrees with it is already a problem).
     let own = Manifest::load(run_dir)?;
-    let mut problems = own.problems(run_dir);
+    let failing = own.failing(run_dir);
+    let mut problems: Vec<String> = failing.values().cloned().collect();
     let recording_dir = recorded_manifest.parent().unwrap_or(Path::new("."));
     let mut recorded = Manifest::load_file(recorded_manifest)?;
     // The results CSVs carry wall times; their numbers are compared below or
@@ -247,8 +248,8 @@ pub fn check_rerun(run_dir: &Path, recorded_manifest: &Path) -> Result<RerunChec
                 path.display(),
                 recorded_manifest.display()
             )),
-            Some(_) if path.exists() => matching += 1,
-            Some(_) => {} // named missing by the rerun's own check above
+            Some(_) if !failing.contains_key(name) => matching += 1,
+            Some(_) => {} // missing or changed: named by the rerun's own check above
         }
     }
     let summary = format!(
@@ -407,7 +408,9 @@ rejected,train_examples,script_examples,consumed,accepted_fast_error,accepted_sl
         assert_eq!(check.problems.len(), 2, "{:?}", check.problems);
         assert!(check.problems.iter().all(|p| p.starts_with("differs from the recording")), "{:?}", check.problems);
 
-        // A flipped byte in the rerun itself is named as such.
+        // A flipped byte in the rerun itself is named as such, and that file
+        // does not count as matching even though its manifest entry does.
+        run_dir(rerun.path(), machine(&["avx2", "fma"], "portable"), b"weights", 0.5);
         std::fs::write(rerun.path().join("checkpoints/stage-02/model.safetensors"), b"weightz").unwrap();
         let check = check_rerun(rerun.path(), &recorded).unwrap();
         assert!(
@@ -415,6 +418,7 @@ rejected,train_examples,script_examples,consumed,accepted_fast_error,accepted_sl
             "{:?}",
             check.problems
         );
+        assert!(check.summary.contains("2 of 3 recorded files match"), "{}", check.summary);
     }
 
     #[test]
