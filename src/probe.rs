@@ -51,7 +51,8 @@ pub struct ProbeSettings {
     pub problems_per_length: usize,
     /// 0: fresh examples every batch. Otherwise train on this many examples
     /// drawn once and visited in a new shuffled order every pass, like the
-    /// fixed dataset of a curriculum stage.
+    /// fixed dataset of a curriculum stage (unlike it, not deduplicated: short
+    /// lengths repeat, as the curriculum's capped ones are duplicated).
     #[serde(skip_serializing_if = "is_zero")]
     pub pool_size: usize,
     /// Every problem drawn with its commutative twin (b + a), as PROTOCOL
