@@ -67,7 +67,7 @@ pub struct ModelSettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lm_head_init_std: Option<f64>,
     /// Digit-position embeddings (T5Config::digit_positions), a CPU-scale
-    /// deviation: `{ max_index = 160, from_right = false }`.
+    /// deviation: `{ max_index = 160, from_right = false, number_index = false }`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub digit_positions: Option<DigitPositions>,
 }
@@ -607,7 +607,7 @@ mod tests {
                 dir.path().display()
             )
         };
-        let with_places = save(Some(DigitPositions { max_index: 100, from_right: false }));
+        let with_places = save(Some(DigitPositions { max_index: 100, from_right: false, number_index: false }));
         assert!(parse(&config(&with_places)).is_ok());
         let without = save(None);
         let message = parse(&config(&without)).unwrap_err().to_string();

@@ -240,10 +240,11 @@ impl T5Config {
 /// brings length-general reading from its text pretraining. Every digit token
 /// gets the embedding of its place in its run of digits, counted from the
 /// run's first digit (1-based; 0 for every other token), in the encoder and
-/// the decoder input alike (one table), and optionally an encoder-only second
-/// one counted from the run's last digit. In training a random offset is added
-/// to every place (`TrainConfig::digit_offset`), so the rows beyond the taught
-/// lengths are trained too.
+/// the decoder input alike (one table), and optionally encoder-only tables of
+/// the place counted from the run's last digit and of the run's number among
+/// the input's runs. In training a random offset is added to every place
+/// (`TrainConfig::digit_offset`; not to the run's number), so the rows beyond
+/// the taught lengths are trained too.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DigitPositions {
@@ -254,11 +255,17 @@ pub struct DigitPositions {
     /// Also the encoder-only table counted from each number's last digit.
     #[serde(default)]
     pub from_right: bool,
+    /// Also the encoder-only table of each digit's number: 1 for every digit
+    /// of the input's first run of digits, 2 for the second, ... (0 for other
+    /// tokens). It tells "the first number's last digit" from the second's
+    /// by what it is, not by a distance that grows with the length.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub number_index: bool,
 }
 
 impl DigitPositions {
     fn tables(&self) -> usize {
-        1 + usize::from(self.from_right)
+        1 + usize::from(self.from_right) + usize::from(self.number_index)
     }
 }
 
@@ -293,12 +300,34 @@ pub fn places_from_right(ids: &[u32]) -> Vec<u32> {
     places
 }
 
+/// Each token's run of digits numbered from the input's first run (1-based;
+/// 0 for tokens that are not digits).
+pub fn digit_numbers(ids: &[u32]) -> Vec<u32> {
+    let (mut runs, mut in_run) = (0, false);
+    ids.iter()
+        .map(|&id| {
+            let digit = is_digit(id);
+            if digit && !in_run {
+                runs += 1;
+            }
+            in_run = digit;
+            if digit {
+                runs
+            } else {
+                0
+            }
+        })
+        .collect()
+}
+
 /// The digit-place tables of a model that has them.
 struct DigitPlaceTables {
     /// (max_index + 1, d_model), shared by the encoder and the decoder.
     left: Embedding,
     /// (max_index + 1, d_model), encoder only.
     right: Option<Embedding>,
+    /// (max_index + 1, d_model), encoder only: the run's number.
+    number: Option<Embedding>,
     max_index: u32,
 }
 
@@ -309,6 +338,7 @@ impl DigitPlaceTables {
         Ok(Some(DigitPlaceTables {
             left: table("digit_positions_left")?,
             right: if p.from_right { Some(table("digit_positions_right")?) } else { None },
+            number: if p.number_index { Some(table("digit_positions_number")?) } else { None },
             max_index: p.max_index as u32,
         }))
     }
@@ -324,8 +354,9 @@ impl DigitPlaceTables {
                 let place = if place == 0 { 0 } else { place + offset };
                 if place > self.max_index {
                     candle_core::bail!(
-                        "digit place {place} (a digit's place in its number plus the training offset {offset}) is \
-                         beyond the model's digit_positions.max_index {}: raise max_index in the model config",
+                        "digit place {place} (a digit's place in its number plus the training offset {offset}, or \
+                         the number's index among the input's numbers) is beyond the model's \
+                         digit_positions.max_index {}: raise max_index in the model config",
                         self.max_index
                     );
                 }
@@ -800,6 +831,10 @@ impl T5 {
                 let places = rows.iter().map(|ids| places_from_right(ids)).collect();
                 xs = (xs + tables.embed(right, places, digit_offsets, self.device())?)?;
             }
+            if let Some(number) = &tables.number {
+                let numbers = rows.iter().map(|ids| digit_numbers(ids)).collect();
+                xs = (xs + tables.embed(number, numbers, &[], self.device())?)?;
+            }
         }
         let mut xs = drop.apply(&xs)?;
         for block in &self.encoder.blocks {
@@ -945,6 +980,7 @@ mod tests {
         // "Q: " then 9 0 5, " + ", 1 2, " = ?", eos.
         assert_eq!(left[..14], [0, 0, 0, 1, 2, 3, 0, 0, 0, 1, 2, 0, 0, 0]);
         assert_eq!(right[..14], [0, 0, 0, 3, 2, 1, 0, 0, 0, 2, 1, 0, 0, 0]);
+        assert_eq!(digit_numbers(&ids)[..14], [0, 0, 0, 1, 1, 1, 0, 0, 0, 2, 2, 0, 0, 0]);
         // One token at a time continues the run, as cached decoding does.
         let mut run = 0;
         let stepwise: Vec<u32> = ids.iter().flat_map(|&id| places_from_left(&[id], &mut run)).collect();

@@ -98,7 +98,7 @@ impl Model {
             // transformers ignores fields it does not know, and so would run
             // this checkpoint without its digit places: say so in the file.
             config["sector_note"] = "digit_positions: sector's digit-position embeddings (tensors \
-                digit_positions_left / digit_positions_right, a CPU-scale deviation). transformers' T5 ignores \
+                digit_positions_left / _right / _number, a CPU-scale deviation). transformers' T5 ignores \
                 them and cannot reproduce this model; load it with sector."
                 .into();
         }
@@ -235,7 +235,7 @@ fn init_std(name: &str, cfg: &T5Config) -> Option<f64> {
     let (d_model, inner) = (cfg.d_model as f64, (cfg.num_heads * cfg.d_kv) as f64);
     let std = match name.rsplit('.').nth(1)? {
         // Digit places are added to token embeddings: the same spread.
-        "shared" | "digit_positions_left" | "digit_positions_right" => 1.0,
+        "shared" | "digit_positions_left" | "digit_positions_right" | "digit_positions_number" => 1.0,
         "lm_head" => cfg.lm_head_init_std.unwrap_or(1.0),
         "q" => (d_model * cfg.d_kv as f64).powf(-0.5),
         "k" | "v" | "wi_0" | "wi_1" | "relative_attention_bias" => d_model.powf(-0.5),

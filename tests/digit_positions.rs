@@ -12,9 +12,9 @@ use sector::tokenizer::encode;
 use sector::train::{DigitOffset, OffsetDraw, TrainConfig, Trainer};
 use sector::weights::Model;
 
-fn model_with_places(max_index: usize, from_right: bool) -> Model {
+fn model_with_places(max_index: usize, encoder_tables: bool) -> Model {
     let mut cfg = T5Config::preset("cpu-tiny").unwrap();
-    cfg.digit_positions = Some(DigitPositions { max_index, from_right });
+    cfg.digit_positions = Some(DigitPositions { max_index, from_right: encoder_tables, number_index: encoder_tables });
     Model::random(&cfg, 5, &Device::Cpu, DType::F32).unwrap()
 }
 
@@ -90,7 +90,10 @@ fn checkpoints_keep_digit_places_and_warn_transformers_users() {
     let config = std::fs::read_to_string(dir.join("config.json")).unwrap();
     assert!(config.contains("\"digit_positions\"") && config.contains("cannot reproduce"), "{config}");
     let loaded = Model::load(dir.to_str().unwrap(), &Device::Cpu).unwrap();
-    assert_eq!(loaded.config().digit_positions, Some(DigitPositions { max_index: 20, from_right: true }));
+    assert_eq!(
+        loaded.config().digit_positions,
+        Some(DigitPositions { max_index: 20, from_right: true, number_index: true })
+    );
     let (inputs, targets) = rows();
     let batch = Seq2SeqBatch::new(&inputs, &targets, &Device::Cpu).unwrap();
     let (a, b) = (model.t5.forward(&batch, &mut Dropout::off()), loaded.t5.forward(&batch, &mut Dropout::off()));

@@ -24,11 +24,11 @@ fn loss_gradient_matches_finite_differences() {
 
 #[test]
 fn loss_gradient_matches_finite_differences_with_digit_places() {
-    // Both tables, with training offsets (CPU-scale option).
+    // All three tables, with training offsets (CPU-scale option).
     let mut cfg = T5Config::byt5(16, 24, 2, 8, 2, 2);
     cfg.relative_attention_num_buckets = 8;
     cfg.relative_attention_max_distance = 12;
-    cfg.digit_positions = Some(DigitPositions { max_index: 6, from_right: true });
+    cfg.digit_positions = Some(DigitPositions { max_index: 6, from_right: true, number_index: true });
     check_gradients(&cfg, &[1, 3]);
 }
 
