@@ -61,6 +61,10 @@ pub struct ModelSettings {
     pub num_decoder_layers: Option<usize>,
     pub relative_attention_num_buckets: Option<usize>,
     pub relative_attention_max_distance: Option<usize>,
+    /// Clipped relative positions (T5Config::relative_attention_clip), a
+    /// CPU-scale deviation: every distance of K or more shares one bucket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relative_attention_clip: Option<usize>,
     pub dropout_rate: Option<f64>,
     pub initializer_factor: Option<f64>,
     /// The output layer's initial std (T5Config::lm_head_init_std).
@@ -87,6 +91,7 @@ impl Default for ModelSettings {
             num_decoder_layers: None,
             relative_attention_num_buckets: None,
             relative_attention_max_distance: None,
+            relative_attention_clip: None,
             dropout_rate: None,
             initializer_factor: None,
             lm_head_init_std: None,
@@ -128,7 +133,11 @@ impl ModelSettings {
     fn shape_overrides(&self) -> bool {
         [self.d_model, self.d_ff, self.num_heads, self.d_kv, self.num_layers, self.num_decoder_layers]
             .iter()
-            .chain([&self.relative_attention_num_buckets, &self.relative_attention_max_distance])
+            .chain([
+                &self.relative_attention_num_buckets,
+                &self.relative_attention_max_distance,
+                &self.relative_attention_clip,
+            ])
             .any(Option::is_some)
             || self.dropout_rate.is_some()
             || self.initializer_factor.is_some()
@@ -147,6 +156,7 @@ impl ModelSettings {
         set(&mut cfg.num_layers, self.num_layers);
         set(&mut cfg.relative_attention_num_buckets, self.relative_attention_num_buckets);
         set(&mut cfg.relative_attention_max_distance, self.relative_attention_max_distance);
+        cfg.relative_attention_clip = self.relative_attention_clip.or(cfg.relative_attention_clip);
         cfg.num_decoder_layers = self.num_decoder_layers.or(cfg.num_decoder_layers);
         cfg.dropout_rate = self.dropout_rate.unwrap_or(cfg.dropout_rate);
         cfg.initializer_factor = self.initializer_factor.unwrap_or(cfg.initializer_factor);
@@ -320,6 +330,23 @@ pub struct SelfTrainingSettings {
     /// labels after the checks (Lee et al. 2025 label 50,000 a round).
     #[serde(skip_serializing_if = "is_one")]
     pub generated_scale: f64,
+    /// A constant learning rate for every self-training stage, in place of
+    /// the supervised schedule's continuation (None: the schedule goes on,
+    /// the paper's). A CPU-scale deviation: a small model's warm-up and
+    /// inverse-sqrt decay leave a rate at which self-training unsettles it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lr: Option<f64>,
+    /// The stronger consistency check the paper names (section 5): besides
+    /// its commutative twin, this many variants of each problem, each with
+    /// the digits of one column exchanged between the two numbers (the same
+    /// sum and carries), must give the label's answer too (0: the paper's
+    /// check alone). A CPU-scale deviation.
+    #[serde(skip_serializing_if = "is_none")]
+    pub column_swaps: usize,
+}
+
+fn is_none(count: &usize) -> bool {
+    *count == 0
 }
 
 fn is_one(value: &f64) -> bool {
@@ -337,6 +364,8 @@ impl Default for SelfTrainingSettings {
             stop_below_acceptance: 0.0,
             stop_below_audited_accuracy: None,
             generated_scale: 1.0,
+            lr: None,
+            column_swaps: 0,
         }
     }
 }
@@ -429,6 +458,33 @@ impl Experiment {
             return bad(
                 "self_training.generated_scale",
                 format!("is {generated}; it must be positive, and 1 (the paper's volume) at paper scale"),
+            );
+        }
+        if let Some(lr) = self.self_training.lr {
+            if lr.is_nan() || lr <= 0.0 || self.scale == "paper" {
+                return bad(
+                    "self_training.lr",
+                    format!(
+                        "is {lr}; it must be positive, and unset (train.lr's schedule, the paper's) at paper scale"
+                    ),
+                );
+            }
+        }
+        match self.model.relative_attention_clip {
+            Some(0) => return bad("model.relative_attention_clip", "is 0; clip at 1 or more, or remove it".into()),
+            Some(_) if self.scale == "paper" => {
+                return bad(
+                    "model.relative_attention_clip",
+                    "is a CPU-scale deviation: paper-scale runs are ByT5 as published, remove it".into(),
+                )
+            }
+            _ => {}
+        }
+        if self.self_training.column_swaps > 0 && self.scale == "paper" {
+            return bad(
+                "self_training.column_swaps",
+                "is a CPU-scale deviation: paper-scale runs use the paper's commutativity check alone, remove it"
+                    .into(),
             );
         }
         if self.supervised.first_digits < 2 {
@@ -637,6 +693,18 @@ mod tests {
                  digit_positions = { max_index = 200 }",
                 "model.digit_positions",
             ),
+            ("name = \"x\"\n[self_training]\nlr = 1e-4", "self_training.lr"),
+            ("name = \"x\"\n[self_training]\ncolumn_swaps = 2", "self_training.column_swaps"),
+            (
+                "name = \"x\"\n[model]\npreset = \"byt5-base\"\ndevice = \"cuda\"\nrelative_attention_clip = 4",
+                "model.relative_attention_clip",
+            ),
+            (
+                "name = \"x\"\nscale = \"cpu\"\n[model]\npreset = \"cpu-tiny\"\ndevice = \"cpu\"\n\
+                 relative_attention_clip = 0",
+                "model.relative_attention_clip",
+            ),
+            ("name = \"x\"\nscale = \"cpu\"\n[self_training]\nlr = 0.0", "self_training.lr"),
         ] {
             let message = parse(text).unwrap_err().to_string();
             assert!(message.contains("experiments/x.toml") && message.contains(field), "{field}: {message}");

@@ -53,6 +53,15 @@ pub struct T5Config {
     /// Offsets beyond this share the last bucket.
     #[serde(default = "defaults::max_distance")]
     pub relative_attention_max_distance: usize,
+    /// Ours, not transformers' (CPU scale only; no ByT5 preset has it):
+    /// clipped relative positions (Shaw et al. 2018) in place of T5's
+    /// buckets. Every distance of K or more shares one bucket, so no
+    /// query-key distance is new at a length the model was not taught:
+    /// encoder buckets clamp(key - query, -K, K) + K (2K + 1 of them),
+    /// decoder clamp(query - key, 0, K) (K + 1). A checkpoint with it does
+    /// not run in transformers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relative_attention_clip: Option<usize>,
     /// Dropout probability when training with dropout on.
     #[serde(default = "defaults::dropout_rate")]
     pub dropout_rate: f64,
@@ -168,6 +177,7 @@ impl T5Config {
             num_decoder_layers: Some(decoder_layers),
             relative_attention_num_buckets: 32,
             relative_attention_max_distance: 128,
+            relative_attention_clip: None,
             dropout_rate: 0.0,
             layer_norm_epsilon: 1e-6,
             initializer_factor: 1.0,
@@ -217,7 +227,32 @@ impl T5Config {
         if self.relative_attention_num_buckets < 4 {
             return Some(("relative_attention_num_buckets", "must be at least 4".into()));
         }
+        if self.relative_attention_clip == Some(0) {
+            return Some(("relative_attention_clip", "is 0; clip distances at 1 or more, or leave it unset".into()));
+        }
         None
+    }
+
+    /// Rows of a stack's position-bias table.
+    pub fn position_buckets(&self, is_decoder: bool) -> usize {
+        match self.relative_attention_clip {
+            Some(clip) if is_decoder => clip + 1,
+            Some(clip) => 2 * clip + 1,
+            None => self.relative_attention_num_buckets,
+        }
+    }
+
+    /// The position-bias bucket of `key - query` in the encoder or the decoder.
+    pub fn position_bucket(&self, relative: i64, is_decoder: bool) -> u32 {
+        match self.relative_attention_clip {
+            Some(clip) => clipped_position_bucket(relative, !is_decoder, clip),
+            None => relative_position_bucket(
+                relative,
+                !is_decoder,
+                self.relative_attention_num_buckets,
+                self.relative_attention_max_distance,
+            ),
+        }
     }
 
     /// Number of trainable parameters.
@@ -225,9 +260,9 @@ impl T5Config {
         let (d, f, inner) = (self.d_model, self.d_ff, self.num_heads * self.d_kv);
         let attention = 4 * d * inner;
         let ff = 3 * d * f;
-        let bias = self.relative_attention_num_buckets * self.num_heads;
-        let encoder = self.num_layers * (attention + ff + 2 * d) + bias + d;
-        let decoder = self.decoder_layers() * (2 * attention + ff + 3 * d) + bias + d;
+        let bias = |is_decoder| self.position_buckets(is_decoder) * self.num_heads;
+        let encoder = self.num_layers * (attention + ff + 2 * d) + bias(false) + d;
+        let decoder = self.decoder_layers() * (2 * attention + ff + 3 * d) + bias(true) + d;
         let places = self.digit_positions.map_or(0, |p| p.tables() * (p.max_index + 1) * d);
         2 * self.vocab_size * d + encoder + decoder + places
     }
@@ -303,18 +338,18 @@ pub fn places_from_right(ids: &[u32]) -> Vec<u32> {
 /// Each token's run of digits numbered from the input's first run (1-based;
 /// 0 for tokens that are not digits).
 pub fn digit_numbers(ids: &[u32]) -> Vec<u32> {
-    let (mut runs, mut in_run) = (0, false);
-    ids.iter()
-        .map(|&id| {
-            let digit = is_digit(id);
-            if digit && !in_run {
+    // A run starts where a digit's place from the left is 1.
+    let mut runs = 0;
+    places_from_left(ids, &mut 0)
+        .into_iter()
+        .map(|place| {
+            if place == 1 {
                 runs += 1;
             }
-            in_run = digit;
-            if digit {
-                runs
-            } else {
+            if place == 0 {
                 0
+            } else {
+                runs
             }
         })
         .collect()
@@ -389,6 +424,15 @@ pub fn relative_position_bucket(relative: i64, bidirectional: bool, num_buckets:
         let large = max_exact + (log_ratio * (num_buckets - max_exact) as f32) as i64;
         large.min(num_buckets - 1)
     };
+    bucket as u32
+}
+
+/// The clipped bucket of `key - query` (T5Config::relative_attention_clip):
+/// bidirectional clamp(relative, -clip, clip) + clip, causal
+/// clamp(-relative, 0, clip).
+pub fn clipped_position_bucket(relative: i64, bidirectional: bool, clip: usize) -> u32 {
+    let clip = clip as i64;
+    let bucket = if bidirectional { relative.clamp(-clip, clip) + clip } else { (-relative).clamp(0, clip) };
     bucket as u32
 }
 
@@ -580,12 +624,12 @@ impl Block {
 /// final norm.
 struct Stack {
     blocks: Vec<Block>,
-    /// (num_buckets, heads); transformers keeps it in block 0's self-attention.
+    /// (buckets, heads); transformers keeps it in block 0's self-attention.
     relative_attention_bias: Embedding,
     final_layer_norm: RmsNorm,
     is_decoder: bool,
-    num_buckets: usize,
-    max_distance: usize,
+    /// Sorts distances into buckets (T5Config::position_bucket).
+    cfg: T5Config,
 }
 
 impl Stack {
@@ -595,7 +639,7 @@ impl Stack {
             .map(|i| Block::new(vb.pp(format!("block.{i}")), cfg, is_decoder))
             .collect::<Result<Vec<_>>>()?;
         let relative_attention_bias = candle_nn::embedding(
-            cfg.relative_attention_num_buckets,
+            cfg.position_buckets(is_decoder),
             cfg.num_heads,
             vb.pp("block.0.layer.0.SelfAttention.relative_attention_bias"),
         )?;
@@ -604,8 +648,7 @@ impl Stack {
             relative_attention_bias,
             final_layer_norm: RmsNorm::new(vb.pp("final_layer_norm"), cfg)?,
             is_decoder,
-            num_buckets: cfg.relative_attention_num_buckets,
-            max_distance: cfg.relative_attention_max_distance,
+            cfg: cfg.clone(),
         })
     }
 
@@ -619,7 +662,7 @@ impl Stack {
         for q in offset..k_len {
             for k in 0..k_len {
                 let relative = k as i64 - q as i64;
-                buckets.push(relative_position_bucket(relative, !self.is_decoder, self.num_buckets, self.max_distance));
+                buckets.push(self.cfg.position_bucket(relative, self.is_decoder));
                 future.push(if self.is_decoder && k > q { MASKED as f32 } else { 0.0 });
             }
         }
@@ -970,6 +1013,26 @@ mod tests {
         let causal = |r| relative_position_bucket(r, false, 32, 128);
         assert_eq!([causal(3), causal(0), causal(-1), causal(-15), causal(-16)], [0, 0, 1, 15, 16]);
         assert_eq!([causal(-40), causal(-127), causal(-500)], [23, 31, 31]);
+    }
+
+    #[test]
+    fn clipped_buckets_saturate_at_the_clip() {
+        let bi = |r| clipped_position_bucket(r, true, 4);
+        assert_eq!(
+            [bi(-100), bi(-5), bi(-4), bi(-1), bi(0), bi(1), bi(4), bi(5), bi(100)],
+            [0, 0, 0, 3, 4, 5, 8, 8, 8]
+        );
+        // Causal: keys in the past (negative key - query) count back from the query.
+        let causal = |r| clipped_position_bucket(r, false, 4);
+        assert_eq!([causal(3), causal(0), causal(-1), causal(-4), causal(-5), causal(-500)], [0, 0, 1, 4, 4, 4]);
+        let mut cfg = T5Config::preset("cpu-tiny").unwrap();
+        cfg.relative_attention_clip = Some(4);
+        assert_eq!((cfg.position_buckets(false), cfg.position_buckets(true)), (9, 5));
+        // Every bucket a stack can produce is a row of its table.
+        for is_decoder in [false, true] {
+            let rows = (-300..300).map(|r| cfg.position_bucket(r, is_decoder)).max().unwrap() + 1;
+            assert_eq!(rows as usize, cfg.position_buckets(is_decoder));
+        }
     }
 
     #[test]

@@ -26,7 +26,7 @@ use crate::parallel::{self, Collective};
 use crate::provenance::Provenance;
 use crate::task::{sample_unique, Kind, Oracle, Problem};
 use crate::tokenizer::encode;
-use crate::train::{Example, Trainer};
+use crate::train::{Example, LrSchedule, Trainer};
 use crate::weights::Model;
 use candle_core::Device;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -61,6 +61,7 @@ mod streams {
     pub const VOTES: u128 = 7;
     pub const FINAL: u128 = 8;
     pub const REHEARSAL: u128 = 9;
+    pub const COLUMN_SWAPS: u128 = 10;
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -124,7 +125,8 @@ pub struct GenerationRecord {
     pub digits: usize,
     pub kind: Kind,
     pub method: String,
-    /// "none" or "commutativity".
+    /// "none", "commutativity" or "commutativity+columns" (the twin and
+    /// the column-swap variants, `self_training.column_swaps`).
     pub check: String,
     pub generated: usize,
     pub kept: usize,
@@ -185,8 +187,51 @@ struct Labels {
     fast_problems: Vec<Problem>,
     /// Simplify-only answers that check the slow labels.
     slow_answers: Vec<Option<String>>,
-    /// Fast answers by every labelling method.
-    fast_methods: Vec<(LabelMethod, Vec<Option<String>>)>,
+    /// Per slow problem: whether its column-swap variants agree with it.
+    slow_columns_agree: Vec<bool>,
+    /// Fast answers by every labelling method, and per problem whether its
+    /// column-swap variants agree with it under that method.
+    fast_methods: Vec<(LabelMethod, Vec<Option<String>>, Vec<bool>)>,
+}
+
+/// The column-swap variants of a set of problems (`self_training.
+/// column_swaps`), flattened: `problems[j]` is a variant of problem `owners[j]`.
+struct ColumnSwaps {
+    problems: Vec<Problem>,
+    owners: Vec<usize>,
+}
+
+impl ColumnSwaps {
+    fn draw(of: &[Problem], per_problem: usize, rng: &mut Pcg64) -> Self {
+        let (mut problems, mut owners) = (Vec::new(), Vec::new());
+        for (owner, p) in of.iter().enumerate() {
+            for variant in p.column_swaps(per_problem, rng) {
+                problems.push(variant);
+                owners.push(owner);
+            }
+        }
+        ColumnSwaps { problems, owners }
+    }
+
+    /// For each problem: whether every one of its variants got its answer
+    /// (true for a problem without variants).
+    fn agree(&self, answers: &[Option<String>], variant_answers: &[Option<String>]) -> Vec<bool> {
+        let mut agree = vec![true; answers.len()];
+        for (&owner, answer) in self.owners.iter().zip(variant_answers) {
+            agree[owner] &= *answer == answers[owner];
+        }
+        agree
+    }
+}
+
+/// The answer of each trace's first candidate (simplify-only's).
+fn first_candidates(traces: &[Trace]) -> Vec<Option<String>> {
+    traces.iter().map(|t| t.candidates[0].clone()).collect()
+}
+
+/// Each trace's majority vote (simplify-then-guess's answer).
+fn votes(traces: &[Trace]) -> Vec<Option<String>> {
+    traces.iter().map(|t| majority_vote(&t.candidates)).collect()
 }
 
 fn method_name(method: LabelMethod) -> &'static str {
@@ -778,6 +823,10 @@ impl<'a> Run<'a> {
     fn self_training_stage(&self, trainer: &mut Trainer, stage: usize, m: usize) -> Result<StageOutput> {
         let e = &self.experiment;
         let st = &e.self_training;
+        if let Some(lr) = st.lr {
+            // Set at every stage's start, so a resumed run trains as an unbroken one.
+            (trainer.adam.lr, trainer.adam.warmup_steps, trainer.adam.schedule) = (lr, 0, LrSchedule::Constant);
+        }
         let started = Instant::now();
         let labels = self.label_new_problems(trainer, stage, m)?;
         self.log(&format!(
@@ -877,17 +926,35 @@ impl<'a> Run<'a> {
         let fast_problems = sample_unique(&mut rng, m, e.generated(FAST_NEW / SELF_TRAINING_FRACTION), &HashSet::new());
         let solver = self.solver(trainer, &format!("labelling {m}-digit problems"));
         let slow_traces = solver.simplify_only(&slow_problems)?;
-        let slow_answers: Vec<Option<String>> = slow_traces.iter().map(|t| t.candidates[0].clone()).collect();
+        let slow_answers = first_candidates(&slow_traces);
         let stg: Vec<Trace> = solver.simplify_then_guess(&fast_problems, st.k)?;
-        let fast_methods = vec![
-            (LabelMethod::Fast, solver.fast(&fast_problems)?),
-            (LabelMethod::SimplifyOnly, stg.iter().map(|t| t.candidates[0].clone()).collect()),
-            (LabelMethod::SimplifyThenGuess, stg.iter().map(|t| majority_vote(&t.candidates)).collect()),
-        ];
+        let fast_answers = solver.fast(&fast_problems)?;
 
-        // A label is kept when it parses and, with the check on, its twin agrees.
-        let keep = |answers: &[Option<String>], agree: &[bool], i: usize| {
-            answers[i].is_some() && (agree[i] || !st.commutativity_check)
+        // The stronger check: every column-swap variant must answer alike
+        // (none are drawn, and so all agree, with column_swaps = 0).
+        let mut variant_rng = self.rng(stage, streams::COLUMN_SWAPS);
+        let slow_swaps = ColumnSwaps::draw(&slow_problems, st.column_swaps, &mut variant_rng);
+        let fast_swaps = ColumnSwaps::draw(&fast_problems, st.column_swaps, &mut variant_rng);
+        let slow_columns_agree =
+            slow_swaps.agree(&slow_answers, &first_candidates(&solver.simplify_only(&slow_swaps.problems)?));
+        let swapped_stg = solver.simplify_then_guess(&fast_swaps.problems, st.k)?;
+        let swapped_fast = solver.fast(&fast_swaps.problems)?;
+        let fast_methods: Vec<(LabelMethod, Vec<Option<String>>, Vec<bool>)> = [
+            (LabelMethod::Fast, fast_answers, swapped_fast),
+            (LabelMethod::SimplifyOnly, first_candidates(&stg), first_candidates(&swapped_stg)),
+            (LabelMethod::SimplifyThenGuess, votes(&stg), votes(&swapped_stg)),
+        ]
+        .into_iter()
+        .map(|(method, answers, swapped)| {
+            let agree = fast_swaps.agree(&answers, &swapped);
+            (method, answers, agree)
+        })
+        .collect();
+
+        // A label is kept when it parses and, with the checks on, its twin
+        // and its column-swap variants agree.
+        let keep = |answers: &[Option<String>], twin_agrees: &[bool], columns_agree: &[bool], i: usize| {
+            answers[i].is_some() && ((twin_agrees[i] && columns_agree[i]) || !st.commutativity_check)
         };
         let mut rows = Vec::new();
         let slow_agree = twins_agree(&slow_problems, &slow_answers);
@@ -901,11 +968,12 @@ impl<'a> Run<'a> {
                 kind: Kind::Slow,
                 origin: Origin::Model,
                 method: "slow-greedy".into(),
-                accepted: keep(&slow_answers, &slow_agree, i),
+                accepted: keep(&slow_answers, &slow_agree, &slow_columns_agree, i),
                 split: Split::Unused,
             });
         }
-        let answers = &fast_methods.iter().find(|(method, _)| *method == st.fast_labels).expect("all methods run").1;
+        let (_, answers, columns_agree) =
+            fast_methods.iter().find(|(method, ..)| *method == st.fast_labels).expect("all methods run");
         let fast_agree = twins_agree(&fast_problems, answers);
         for (i, p) in fast_problems.iter().enumerate() {
             rows.push(DataRow {
@@ -915,22 +983,29 @@ impl<'a> Run<'a> {
                 kind: Kind::Fast,
                 origin: Origin::Model,
                 method: method_name(st.fast_labels).into(),
-                accepted: keep(answers, &fast_agree, i),
+                accepted: keep(answers, &fast_agree, columns_agree, i),
                 audited_correct: answers[i].as_ref() == Some(&self.oracle.sum(p)),
                 split: Split::Unused,
             });
         }
         let problems = slow_problems.into_iter().chain(fast_problems.iter().cloned()).collect();
-        Ok(Labels { rows, problems, fast_problems, slow_answers, fast_methods })
+        Ok(Labels { rows, problems, fast_problems, slow_answers, slow_columns_agree, fast_methods })
     }
 
     /// Figure 5: the audited error rate of every labelling method, with and
-    /// without the commutativity check (ground truth, analysis only).
+    /// without the commutativity check, and with the column swaps too when
+    /// they are on (ground truth, analysis only).
     fn audit_methods(&self, labels: &Labels, stage: usize, m: usize) -> Vec<GenerationRecord> {
+        let with_columns = self.experiment.self_training.column_swaps > 0;
         let mut records = Vec::new();
-        let mut record = |kind: Kind, method: &str, agree: &[bool], correct: &[bool]| {
-            for (check, use_check) in [("none", false), ("commutativity", true)] {
-                let kept: Vec<usize> = (0..agree.len()).filter(|&i| agree[i] || !use_check).collect();
+        let mut record = |kind: Kind, method: &str, twin_agrees: &[bool], columns_agree: &[bool], correct: &[bool]| {
+            let checks: [(&str, &dyn Fn(usize) -> bool); 3] = [
+                ("none", &|_| true),
+                ("commutativity", &|i| twin_agrees[i]),
+                ("commutativity+columns", &|i| twin_agrees[i] && columns_agree[i]),
+            ];
+            for (check, passes) in checks.into_iter().take(if with_columns { 3 } else { 2 }) {
+                let kept: Vec<usize> = (0..twin_agrees.len()).filter(|&i| passes(i)).collect();
                 let errors = kept.iter().filter(|&&i| !correct[i]).count();
                 records.push(GenerationRecord {
                     stage,
@@ -938,7 +1013,7 @@ impl<'a> Run<'a> {
                     kind,
                     method: method.to_string(),
                     check: check.into(),
-                    generated: agree.len(),
+                    generated: twin_agrees.len(),
                     kept: kept.len(),
                     audited_errors: errors,
                     error_rate: (!kept.is_empty()).then(|| rate(errors, kept.len())),
@@ -948,15 +1023,17 @@ impl<'a> Run<'a> {
         let slow_rows: Vec<&DataRow> = labels.rows.iter().filter(|r| r.kind == Kind::Slow).collect();
         let slow_problems = &labels.problems[..slow_rows.len()];
         let correct: Vec<bool> = slow_rows.iter().map(|r| r.audited_correct).collect();
-        record(Kind::Slow, "slow-greedy", &twins_agree(slow_problems, &labels.slow_answers), &correct);
-        for (method, answers) in &labels.fast_methods {
+        let twin_agrees = twins_agree(slow_problems, &labels.slow_answers);
+        record(Kind::Slow, "slow-greedy", &twin_agrees, &labels.slow_columns_agree, &correct);
+        for (method, answers, columns_agree) in &labels.fast_methods {
             let correct: Vec<bool> = labels
                 .fast_problems
                 .iter()
                 .zip(answers)
                 .map(|(p, a)| a.as_ref() == Some(&self.oracle.sum(p)))
                 .collect();
-            record(Kind::Fast, method_name(*method), &twins_agree(&labels.fast_problems, answers), &correct);
+            let twin_agrees = twins_agree(&labels.fast_problems, answers);
+            record(Kind::Fast, method_name(*method), &twin_agrees, columns_agree, &correct);
         }
         records
     }
@@ -1130,4 +1207,29 @@ pub fn stage_summary(r: &StageRecord) -> String {
         line += &format!("; stop: {}", r.stop_reason);
     }
     line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_label_needs_every_column_swap_variant_to_agree() {
+        let problems = [Problem::new("4821", "7395", false), Problem::new("1234", "5678", true)];
+        let mut rng = Pcg64::new(1, 2);
+        let swaps = ColumnSwaps::draw(&problems, 2, &mut rng);
+        assert_eq!(swaps.owners, [0, 0, 1, 1]);
+        let answers = [Some("12216".to_string()), Some("6913".to_string())];
+        let same = |i: usize| answers[swaps.owners[i]].clone();
+        let all_agree: Vec<Option<String>> = (0..4).map(same).collect();
+        assert_eq!(swaps.agree(&answers, &all_agree), [true, true]);
+        // One variant of the second problem answers differently; an unparsable one disagrees too.
+        let mut one_differs = all_agree.clone();
+        one_differs[3] = Some("6912".into());
+        assert_eq!(swaps.agree(&answers, &one_differs), [true, false]);
+        one_differs[0] = None;
+        assert_eq!(swaps.agree(&answers, &one_differs), [false, false]);
+        // No variants: nothing to disagree with.
+        assert_eq!(ColumnSwaps::draw(&problems, 0, &mut rng).agree(&answers, &[]), [true, true]);
+    }
 }

@@ -4,6 +4,7 @@
 //!
 //! Numbers are decimal digit strings, so no length is too long.
 
+use rand::seq::SliceRandom;
 use rand::Rng;
 use rand_pcg::Pcg64;
 use serde::{Deserialize, Serialize};
@@ -48,6 +49,29 @@ impl Problem {
     /// (b, a, carry): the same sum asked the other way round.
     pub fn twin(&self) -> Problem {
         Problem { a: self.b.clone(), b: self.a.clone(), carry: self.carry }
+    }
+
+    /// The problem with the digits of `column` (0: the last digits) exchanged
+    /// between the two numbers: the same sum and the same carry into and out
+    /// of every column (both leading digits stay non-zero).
+    pub fn swap_column(&self, column: usize) -> Problem {
+        let (mut a, mut b) = (self.a.clone().into_bytes(), self.b.clone().into_bytes());
+        let place = a.len() - 1 - column;
+        std::mem::swap(&mut a[place], &mut b[place]);
+        let digits = |bytes| String::from_utf8(bytes).expect("digits are ASCII");
+        Problem { a: digits(a), b: digits(b), carry: self.carry }
+    }
+
+    /// Up to `count` problems with this one's sum and carries, each with the
+    /// digits of another column exchanged; the columns are drawn from those
+    /// whose two digits differ (exchanging equal digits changes nothing).
+    pub fn column_swaps(&self, count: usize, rng: &mut Pcg64) -> Vec<Problem> {
+        let (a, b) = (self.a.as_bytes(), self.b.as_bytes());
+        let mut columns: Vec<usize> =
+            (0..self.digits()).filter(|&c| a[a.len() - 1 - c] != b[b.len() - 1 - c]).collect();
+        columns.shuffle(rng);
+        columns.truncate(count);
+        columns.into_iter().map(|c| self.swap_column(c)).collect()
     }
 
     /// `Q: {a} + {b} = ?` or `Q: {a} + {b} + 1 = ?`
@@ -404,6 +428,30 @@ mod tests {
         for bad in ["A:264", "A: ", "A: 26 4", "A: 264.", "264", "", "A: -1", "A: 2\u{fffd}"] {
             assert_eq!(parse_fast(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_column_swap_keeps_the_sum_and_every_carry() {
+        assert_eq!(Problem::new("4821", "7395", true).swap_column(0), Problem::new("4825", "7391", true));
+        assert_eq!(Problem::new("4821", "7395", true).swap_column(3), Problem::new("7821", "4395", true));
+        let mut rng = Pcg64::seed_from_u64(3);
+        for _ in 0..200 {
+            let p = random_problem(&mut rng, 12);
+            let variants = p.column_swaps(3, &mut rng);
+            assert!(variants.len() <= 3);
+            for v in &variants {
+                assert_ne!(&v, &&p, "a swap of equal digits is no variant");
+                assert_eq!(v.sum(), p.sum());
+                // Every column's digit sum is the same, so every carry is.
+                let column_sums =
+                    |q: &Problem| -> Vec<u8> { q.a.bytes().zip(q.b.bytes()).map(|(x, y)| x + y).collect() };
+                assert_eq!(column_sums(v), column_sums(&p));
+            }
+            let distinct: HashSet<&Problem> = variants.iter().collect();
+            assert_eq!(distinct.len(), variants.len(), "one column each");
+        }
+        // Equal digits everywhere: no variant exists.
+        assert!(Problem::new("555", "555", false).column_swaps(2, &mut rng).is_empty());
     }
 
     #[test]

@@ -28,7 +28,7 @@ impl Model {
     /// Random weights drawn from a PCG seeded with `seed`, at the scales
     /// transformers' T5 uses (`T5PreTrainedModel._init_weights`).
     pub fn random(cfg: &T5Config, seed: u64, device: &Device, dtype: DType) -> Result<Self> {
-        let source = Source::Random { rng: Mutex::new(Pcg64::seed_from_u64(seed)), cfg: cfg.clone() };
+        let source = Source::Random { rng: Mutex::new(Pcg64::seed_from_u64(seed)), cfg: Box::new(cfg.clone()) };
         Self::build(cfg, source, device, dtype)
     }
 
@@ -94,13 +94,28 @@ impl Model {
     /// "pt" metadata) into `dir`, recording their hashes in `manifest`.
     pub fn save(&self, dir: &Path, manifest: &mut Manifest) -> Result<()> {
         let mut config = serde_json::to_value(self.config()).expect("config serialises");
-        if self.config().digit_positions.is_some() {
-            // transformers ignores fields it does not know, and so would run
-            // this checkpoint without its digit places: say so in the file.
-            config["sector_note"] = "digit_positions: sector's digit-position embeddings (tensors \
-                digit_positions_left / _right / _number, a CPU-scale deviation). transformers' T5 ignores \
-                them and cannot reproduce this model; load it with sector."
-                .into();
+        // transformers ignores fields it does not know, and so would run a
+        // checkpoint with sector's CPU-scale deviations as a plain T5: say so.
+        let cfg = self.config();
+        let deviations: Vec<&str> = [
+            (
+                cfg.digit_positions.is_some(),
+                "digit_positions: sector's digit-position embeddings (tensors digit_positions_left / _right / \
+                 _number, a CPU-scale deviation)",
+            ),
+            (
+                cfg.relative_attention_clip.is_some(),
+                "relative_attention_clip: sector's clipped relative positions (a CPU-scale deviation)",
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(on, what)| on.then_some(what))
+        .collect();
+        if !deviations.is_empty() {
+            let note = deviations.join("; ")
+                + ". transformers' T5 ignores them and cannot reproduce this model; \
+                load it with sector.";
+            config["sector_note"] = note.into();
         }
         let config = serde_json::to_vec_pretty(&config).expect("config serialises");
         manifest.write_file(dir, CONFIG_FILE, &config)?;
@@ -255,7 +270,8 @@ fn standard_normal(rng: &mut Pcg64) -> f64 {
 }
 
 enum Source {
-    Random { rng: Mutex<Pcg64>, cfg: T5Config },
+    // Boxed: the config is large beside the other variant's fields.
+    Random { rng: Mutex<Pcg64>, cfg: Box<T5Config> },
     Loaded { tensors: HashMap<String, Tensor>, file: PathBuf },
 }
 

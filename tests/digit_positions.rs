@@ -1,6 +1,8 @@
-//! Digit-position embeddings (model.rs `DigitPositions`), a CPU-scale
-//! option: cached decoding carries each row's digit run, offsets reach both
-//! stacks, a place beyond the table is an error, and checkpoints keep them.
+//! Digit-position embeddings (model.rs `DigitPositions`) and clipped
+//! relative positions (`T5Config::relative_attention_clip`), the CPU-scale
+//! model options: cached decoding carries each row's digit run, offsets
+//! reach both stacks, a place beyond the table is an error, and checkpoints
+//! keep them.
 
 mod common;
 
@@ -13,8 +15,13 @@ use sector::train::{DigitOffset, OffsetDraw, TrainConfig, Trainer};
 use sector::weights::Model;
 
 fn model_with_places(max_index: usize, encoder_tables: bool) -> Model {
+    model_with(max_index, encoder_tables, None)
+}
+
+fn model_with(max_index: usize, encoder_tables: bool, clip: Option<usize>) -> Model {
     let mut cfg = T5Config::preset("cpu-tiny").unwrap();
     cfg.digit_positions = Some(DigitPositions { max_index, from_right: encoder_tables, number_index: encoder_tables });
+    cfg.relative_attention_clip = clip;
     Model::random(&cfg, 5, &Device::Cpu, DType::F32).unwrap()
 }
 
@@ -26,7 +33,17 @@ fn rows() -> (Vec<Vec<u32>>, Vec<Vec<u32>>) {
 
 #[test]
 fn cached_decoding_equals_a_full_pass_with_digit_places() {
-    let model = model_with_places(40, true);
+    cached_decoding_equals_a_full_pass(&model_with_places(40, true));
+}
+
+#[test]
+fn cached_decoding_equals_a_full_pass_with_clipped_positions() {
+    // Clipped at 2: the rows' targets run far past it, so the decoder's
+    // saturated bucket is on the path at every later step.
+    cached_decoding_equals_a_full_pass(&model_with(40, true, Some(2)));
+}
+
+fn cached_decoding_equals_a_full_pass(model: &Model) {
     let (inputs, targets) = rows();
     let mut batch = Seq2SeqBatch::new(&inputs, &targets, &Device::Cpu).unwrap();
     // Training offsets too: the decoder's places must carry them step by step.
@@ -82,18 +99,20 @@ fn decoding_ends_a_row_whose_digits_run_past_the_table() {
 
 #[test]
 fn checkpoints_keep_digit_places_and_warn_transformers_users() {
-    let model = model_with_places(20, true);
+    let model = model_with(20, true, Some(4));
     let dir = std::env::temp_dir().join(format!("sector-digit-places-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     model.save(&dir, &mut sector::files::Manifest::default()).unwrap();
     let config = std::fs::read_to_string(dir.join("config.json")).unwrap();
     assert!(config.contains("\"digit_positions\"") && config.contains("cannot reproduce"), "{config}");
+    assert!(config.contains("\"relative_attention_clip\": 4") && config.contains("clipped relative"), "{config}");
     let loaded = Model::load(dir.to_str().unwrap(), &Device::Cpu).unwrap();
     assert_eq!(
         loaded.config().digit_positions,
         Some(DigitPositions { max_index: 20, from_right: true, number_index: true })
     );
+    assert_eq!(loaded.config().relative_attention_clip, Some(4));
     let (inputs, targets) = rows();
     let batch = Seq2SeqBatch::new(&inputs, &targets, &Device::Cpu).unwrap();
     let (a, b) = (model.t5.forward(&batch, &mut Dropout::off()), loaded.t5.forward(&batch, &mut Dropout::off()));

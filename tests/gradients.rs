@@ -32,6 +32,15 @@ fn loss_gradient_matches_finite_differences_with_digit_places() {
     check_gradients(&cfg, &[1, 3]);
 }
 
+#[test]
+fn loss_gradient_matches_finite_differences_with_clipped_positions() {
+    // Clipped at 2, so the inputs reach the saturated buckets of both stacks.
+    let mut cfg = T5Config::byt5(16, 24, 2, 8, 2, 2);
+    cfg.relative_attention_clip = Some(2);
+    cfg.digit_positions = Some(DigitPositions { max_index: 6, from_right: false, number_index: false });
+    check_gradients(&cfg, &[1, 3]);
+}
+
 fn check_gradients(cfg: &T5Config, digit_offsets: &[u32]) {
     let model = Model::random(cfg, 3, &Device::Cpu, DType::F64).unwrap();
     // Two rows of different lengths, so padding masks are on the path too.

@@ -10,8 +10,8 @@ use sector::config::Experiment;
 use sector::files::{read_csv, sha256_file};
 use sector::parallel::SingleRank;
 use sector::provenance::Provenance;
-use sector::sector::{run, DataRow, Phase, StageRecord};
-use sector::task::{Oracle, Problem, SlowFormat, TrueOracle};
+use sector::sector::{run, DataRow, GenerationRecord, Origin, Phase, StageRecord};
+use sector::task::{Kind, Oracle, Problem, SlowFormat, TrueOracle};
 use std::cell::Cell;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -224,13 +224,8 @@ fn a_run_directory_made_by_another_config_is_refused() {
 
 #[test]
 fn an_ablation_takes_over_the_supervised_phase_and_refuses_a_different_one() {
-    let runs = tempfile::tempdir().unwrap();
+    let runs = copy_of_the_reference_run();
     let parent = reference_run().join("micro-main");
-    for file in files_under(&parent) {
-        let copy = runs.path().join("micro-main").join(file.strip_prefix(&parent).unwrap());
-        std::fs::create_dir_all(copy.parent().unwrap()).unwrap();
-        std::fs::copy(&file, copy).unwrap();
-    }
     let mut ablation = micro();
     ablation.name = "micro-no-commutativity".into();
     ablation.supervised.from = Some(micro_config().display().to_string());
@@ -257,6 +252,66 @@ fn an_ablation_takes_over_the_supervised_phase_and_refuses_a_different_one() {
     sector::files::Manifest::load(&own).unwrap().verify(&own).unwrap();
     let log = std::fs::read_to_string(own.join("run.log")).unwrap();
     assert!(log.contains("took over stages 1..1"), "{log}");
+}
+
+/// Runs `change`d micro config named `name`, taking over the reference run's
+/// supervised stage and self-training to 4 digits; returns its runs directory.
+fn self_training_from_the_reference(name: &str, change: impl FnOnce(&mut Experiment)) -> tempfile::TempDir {
+    let runs = copy_of_the_reference_run();
+    let mut experiment = micro();
+    experiment.name = name.into();
+    experiment.supervised.from = Some(micro_config().display().to_string());
+    experiment.self_training.last_digits = 4;
+    change(&mut experiment);
+    run(experiment, runs.path(), &TrueOracle, Arc::new(SingleRank)).unwrap();
+    runs
+}
+
+/// A directory holding a copy of the reference run, for runs that take over its stages.
+fn copy_of_the_reference_run() -> tempfile::TempDir {
+    let runs = tempfile::tempdir().unwrap();
+    let parent = reference_run().join("micro-main");
+    for file in files_under(&parent) {
+        let copy = runs.path().join("micro-main").join(file.strip_prefix(&parent).unwrap());
+        std::fs::create_dir_all(copy.parent().unwrap()).unwrap();
+        std::fs::copy(&file, copy).unwrap();
+    }
+    runs
+}
+
+#[test]
+fn a_self_training_rate_changes_how_self_training_stages_train_and_nothing_before() {
+    let runs = self_training_from_the_reference("micro-self-training-lr", |e| e.self_training.lr = Some(1e-5));
+    let (own, reference) = (runs.path().join("micro-self-training-lr"), reference_run().join("micro-main"));
+    let file = |dir: &Path, name: &str| sha256_file(&dir.join(name)).unwrap();
+    // Stage 2's labels come from the same stage-1 model; its training differs.
+    assert_eq!(file(&own, "data/stage-02.csv"), file(&reference, "data/stage-02.csv"));
+    let weights = "checkpoints/stage-02/model.safetensors";
+    assert_ne!(file(&own, weights), file(&reference, weights));
+}
+
+#[test]
+fn column_swaps_check_labels_beside_the_twins() {
+    let runs = self_training_from_the_reference("micro-column-swaps", |e| {
+        e.self_training.column_swaps = 2;
+        // Fast labels by the fast method: the micro model's twins agree on most of them.
+        e.self_training.fast_labels = sector::config::LabelMethod::Fast;
+    });
+    let own = runs.path().join("micro-column-swaps");
+    let generation: Vec<GenerationRecord> = read_csv(&own.join("generation.csv")).unwrap();
+    let kept = |method: &str, check: &str| {
+        let row = generation.iter().find(|g| g.method == method && g.check == check);
+        row.unwrap_or_else(|| panic!("no {method} / {check} row")).kept
+    };
+    for method in ["slow-greedy", "fast", "simplify-only", "simplify-then-guess"] {
+        assert!(kept(method, "commutativity+columns") <= kept(method, "commutativity"), "{method}");
+    }
+    assert!(kept("fast", "commutativity") > 0, "the check has labels to look at");
+    let data: Vec<DataRow> = read_csv(&own.join("data/stage-02.csv")).unwrap();
+    let accepted =
+        |kind: Kind| data.iter().filter(|r| r.origin == Origin::Model && r.kind == kind && r.accepted).count();
+    assert_eq!(accepted(Kind::Fast), kept("fast", "commutativity+columns"));
+    assert_eq!(accepted(Kind::Slow), kept("slow-greedy", "commutativity+columns"));
 }
 
 #[test]
