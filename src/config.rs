@@ -126,7 +126,10 @@ impl ModelSettings {
             None if self.shape_overrides() => {
                 bad("model", "shape fields only apply to a preset, not to pretrained weights".into())
             }
-            _ => Ok(()),
+            _ => match self.preset_config().and_then(|cfg| cfg.unsupported()) {
+                Some((field, problem)) => bad(&format!("model.{field}"), problem),
+                None => Ok(()),
+            },
         }
     }
 
@@ -453,39 +456,22 @@ impl Experiment {
         if rehearsal.is_nan() || rehearsal < 0.0 || (rehearsal > 0.0 && self.model.pretrain.is_none()) {
             return bad("task.rehearsal", format!("is {rehearsal}; it must be 0, or positive with model.pretrain set"));
         }
-        let generated = self.self_training.generated_scale;
-        if generated.is_nan() || generated <= 0.0 || (self.scale == "paper" && generated != 1.0) {
-            return bad(
-                "self_training.generated_scale",
-                format!("is {generated}; it must be positive, and 1 (the paper's volume) at paper scale"),
-            );
-        }
-        if let Some(lr) = self.self_training.lr {
-            if lr.is_nan() || lr <= 0.0 || self.scale == "paper" {
+        if self.scale == "paper" {
+            if let Some(field) = self.cpu_scale_deviations().first() {
                 return bad(
-                    "self_training.lr",
-                    format!(
-                        "is {lr}; it must be positive, and unset (train.lr's schedule, the paper's) at paper scale"
-                    ),
+                    field,
+                    "is a CPU-scale deviation: paper-scale runs are the paper's method on ByT5 as published, \
+                     remove it"
+                        .into(),
                 );
             }
         }
-        match self.model.relative_attention_clip {
-            Some(0) => return bad("model.relative_attention_clip", "is 0; clip at 1 or more, or remove it".into()),
-            Some(_) if self.scale == "paper" => {
-                return bad(
-                    "model.relative_attention_clip",
-                    "is a CPU-scale deviation: paper-scale runs are ByT5 as published, remove it".into(),
-                )
-            }
-            _ => {}
+        let generated = self.self_training.generated_scale;
+        if generated.is_nan() || generated <= 0.0 {
+            return bad("self_training.generated_scale", format!("is {generated}; it must be positive"));
         }
-        if self.self_training.column_swaps > 0 && self.scale == "paper" {
-            return bad(
-                "self_training.column_swaps",
-                "is a CPU-scale deviation: paper-scale runs use the paper's commutativity check alone, remove it"
-                    .into(),
-            );
+        if let Some(lr) = self.self_training.lr.filter(|lr| lr.is_nan() || *lr <= 0.0) {
+            return bad("self_training.lr", format!("is {lr}; it must be positive"));
         }
         if self.supervised.first_digits < 2 {
             return bad("supervised.first_digits", "must be at least 2 (slow steps need two digits)".into());
@@ -521,6 +507,22 @@ impl Experiment {
         run.max(probe) + 1
     }
 
+    /// The CPU-scale deviations this experiment turns on, by field: each
+    /// gives a small model from random weights what pretrained ByT5 brings
+    /// (REPRODUCE.md), and none may run at paper scale.
+    fn cpu_scale_deviations(&self) -> Vec<&'static str> {
+        [
+            ("model.digit_positions", self.model.digit_positions.is_some()),
+            ("model.relative_attention_clip", self.model.relative_attention_clip.is_some()),
+            ("self_training.generated_scale", self.self_training.generated_scale != 1.0),
+            ("self_training.lr", self.self_training.lr.is_some()),
+            ("self_training.column_swaps", self.self_training.column_swaps > 0),
+        ]
+        .into_iter()
+        .filter_map(|(field, on)| on.then_some(field))
+        .collect()
+    }
+
     /// Digit places: offsets need the tables, and the tables must hold the
     /// longest number plus the largest offset.
     fn check_digit_places(&self, path: &Path) -> Result<()> {
@@ -528,12 +530,6 @@ impl Experiment {
             Err(Error::Config { path: path.to_path_buf(), field: field.into(), problem })
         };
         let offset = self.train.digit_offset.max as usize;
-        if self.scale == "paper" && self.model.digit_positions.is_some() {
-            return bad(
-                "model.digit_positions",
-                "is a CPU-scale deviation: paper-scale runs are ByT5 as published, remove it".into(),
-            );
-        }
         // Pretrained weights in a directory (e.g. another run's checkpoint)
         // bring their own tables in config.json; hub ids (ByT5) have none.
         let digit_positions = match &self.model.weights {
@@ -695,6 +691,7 @@ mod tests {
             ),
             ("name = \"x\"\n[self_training]\nlr = 1e-4", "self_training.lr"),
             ("name = \"x\"\n[self_training]\ncolumn_swaps = 2", "self_training.column_swaps"),
+            ("name = \"x\"\n[self_training]\ngenerated_scale = 2.0", "self_training.generated_scale"),
             (
                 "name = \"x\"\n[model]\npreset = \"byt5-base\"\ndevice = \"cuda\"\nrelative_attention_clip = 4",
                 "model.relative_attention_clip",
