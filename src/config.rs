@@ -346,6 +346,12 @@ pub struct SelfTrainingSettings {
     /// check alone). A CPU-scale deviation.
     #[serde(skip_serializing_if = "is_none")]
     pub column_swaps: usize,
+    /// A stronger check of slow labels: the twin's step must be the label's
+    /// with the two numbers exchanged (`A: y + x = s. ... Next B + A.`), not
+    /// only reach the same sum by simplify-only (false: the paper's check
+    /// alone). A CPU-scale deviation.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub mirrored_steps: bool,
 }
 
 fn is_none(count: &usize) -> bool {
@@ -369,6 +375,7 @@ impl Default for SelfTrainingSettings {
             generated_scale: 1.0,
             lr: None,
             column_swaps: 0,
+            mirrored_steps: false,
         }
     }
 }
@@ -517,6 +524,7 @@ impl Experiment {
             ("self_training.generated_scale", self.self_training.generated_scale != 1.0),
             ("self_training.lr", self.self_training.lr.is_some()),
             ("self_training.column_swaps", self.self_training.column_swaps > 0),
+            ("self_training.mirrored_steps", self.self_training.mirrored_steps),
         ]
         .into_iter()
         .filter_map(|(field, on)| on.then_some(field))
@@ -692,6 +700,7 @@ mod tests {
             ("name = \"x\"\n[self_training]\nlr = 1e-4", "self_training.lr"),
             ("name = \"x\"\n[self_training]\ncolumn_swaps = 2", "self_training.column_swaps"),
             ("name = \"x\"\n[self_training]\ngenerated_scale = 2.0", "self_training.generated_scale"),
+            ("name = \"x\"\n[self_training]\nmirrored_steps = true", "self_training.mirrored_steps"),
             (
                 "name = \"x\"\n[model]\npreset = \"byt5-base\"\ndevice = \"cuda\"\nrelative_attention_clip = 4",
                 "model.relative_attention_clip",

@@ -24,7 +24,7 @@ use crate::memory::{device_capacity, MemoryPlan};
 use crate::model::select_device;
 use crate::parallel::{self, Collective};
 use crate::provenance::Provenance;
-use crate::task::{sample_unique, Kind, Oracle, Problem};
+use crate::task::{mirrored_slow, sample_unique, Kind, Oracle, Problem};
 use crate::tokenizer::encode;
 use crate::train::{Example, LrSchedule, Trainer};
 use crate::weights::Model;
@@ -187,8 +187,9 @@ struct Labels {
     fast_problems: Vec<Problem>,
     /// Simplify-only answers that check the slow labels.
     slow_answers: Vec<Option<String>>,
-    /// Per slow problem: whether its column-swap variants agree with it.
-    slow_columns_agree: Vec<bool>,
+    /// Per slow problem: whether the stronger checks that are on (its
+    /// column-swap variants, its twin's mirrored step) agree with it.
+    slow_checks_agree: Vec<bool>,
     /// Fast answers by every labelling method, and per problem whether its
     /// column-swap variants agree with it under that method.
     fast_methods: Vec<(LabelMethod, Vec<Option<String>>, Vec<bool>)>,
@@ -308,15 +309,14 @@ fn rate(hits: usize, total: usize) -> f64 {
 /// For each problem: whether it and its commutative twin got the same,
 /// parsable answer. A problem whose twin is not in the set does not agree.
 fn twins_agree(problems: &[Problem], answers: &[Option<String>]) -> Vec<bool> {
+    twins_pass(problems, |i, j| answers[i].is_some() && answers[j] == answers[i])
+}
+
+/// For each problem i whose commutative twin j is in the set: pass(i, j);
+/// false without a twin.
+fn twins_pass(problems: &[Problem], pass: impl Fn(usize, usize) -> bool) -> Vec<bool> {
     let index: HashMap<&Problem, usize> = problems.iter().enumerate().map(|(i, p)| (p, i)).collect();
-    problems
-        .iter()
-        .enumerate()
-        .map(|(i, p)| {
-            let twin = index.get(&p.twin());
-            answers[i].is_some() && twin.is_some_and(|&j| answers[j] == answers[i])
-        })
-        .collect()
+    problems.iter().enumerate().map(|(i, p)| index.get(&p.twin()).is_some_and(|&j| pass(i, j))).collect()
 }
 
 /// Writes the results CSVs (accuracy, generation, stages; stages last, since
@@ -937,6 +937,11 @@ impl<'a> Run<'a> {
         let fast_swaps = ColumnSwaps::draw(&fast_problems, st.column_swaps, &mut variant_rng);
         let slow_columns_agree =
             slow_swaps.agree(&slow_answers, &first_candidates(&solver.simplify_only(&slow_swaps.problems)?));
+        let slow_outputs: Vec<&String> = slow_traces.iter().map(|t| &t.slow_outputs[0]).collect();
+        let mirrored = twins_pass(&slow_problems, |i, j| {
+            !st.mirrored_steps || mirrored_slow(slow_outputs[i], format).as_ref() == Some(slow_outputs[j])
+        });
+        let slow_checks_agree: Vec<bool> = slow_columns_agree.iter().zip(&mirrored).map(|(c, m)| *c && *m).collect();
         let swapped_stg = solver.simplify_then_guess(&fast_swaps.problems, st.k)?;
         let swapped_fast = solver.fast(&fast_swaps.problems)?;
         let fast_methods: Vec<(LabelMethod, Vec<Option<String>>, Vec<bool>)> = [
@@ -952,23 +957,22 @@ impl<'a> Run<'a> {
         .collect();
 
         // A label is kept when it parses and, with the checks on, its twin
-        // and its column-swap variants agree.
-        let keep = |answers: &[Option<String>], twin_agrees: &[bool], columns_agree: &[bool], i: usize| {
-            answers[i].is_some() && ((twin_agrees[i] && columns_agree[i]) || !st.commutativity_check)
+        // and the stronger checks that are on agree.
+        let keep = |answers: &[Option<String>], twin_agrees: &[bool], checks_agree: &[bool], i: usize| {
+            answers[i].is_some() && ((twin_agrees[i] && checks_agree[i]) || !st.commutativity_check)
         };
         let mut rows = Vec::new();
         let slow_agree = twins_agree(&slow_problems, &slow_answers);
-        for (i, (p, trace)) in slow_problems.iter().zip(&slow_traces).enumerate() {
-            let output = trace.slow_outputs[0].clone();
+        for (i, (p, output)) in slow_problems.iter().zip(&slow_outputs).enumerate() {
             rows.push(DataRow {
                 input: p.prompt(Kind::Slow),
-                audited_correct: output == self.oracle.slow_target(p, format),
-                target: output,
+                audited_correct: **output == self.oracle.slow_target(p, format),
+                target: output.to_string(),
                 digits: m,
                 kind: Kind::Slow,
                 origin: Origin::Model,
                 method: "slow-greedy".into(),
-                accepted: keep(&slow_answers, &slow_agree, &slow_columns_agree, i),
+                accepted: keep(&slow_answers, &slow_agree, &slow_checks_agree, i),
                 split: Split::Unused,
             });
         }
@@ -989,30 +993,40 @@ impl<'a> Run<'a> {
             });
         }
         let problems = slow_problems.into_iter().chain(fast_problems.iter().cloned()).collect();
-        Ok(Labels { rows, problems, fast_problems, slow_answers, slow_columns_agree, fast_methods })
+        Ok(Labels { rows, problems, fast_problems, slow_answers, slow_checks_agree, fast_methods })
     }
 
     /// Figure 5: the audited error rate of every labelling method, with and
-    /// without the commutativity check, and with the column swaps too when
-    /// they are on (ground truth, analysis only).
+    /// without the commutativity check, and with the stronger checks too
+    /// when any is on (ground truth, analysis only).
     fn audit_methods(&self, labels: &Labels, stage: usize, m: usize) -> Vec<GenerationRecord> {
-        let with_columns = self.experiment.self_training.column_swaps > 0;
+        let st = &self.experiment.self_training;
+        // The name of the third check, e.g. "commutativity+columns+mirror"
+        // (None when no stronger check is on for that kind).
+        let stronger = |kind: Kind| {
+            let on = [("columns", st.column_swaps > 0), ("mirror", kind == Kind::Slow && st.mirrored_steps)];
+            let names: Vec<&str> = on.iter().filter(|(_, on)| *on).map(|(name, _)| *name).collect();
+            (!names.is_empty()).then(|| format!("commutativity+{}", names.join("+")))
+        };
         let mut records = Vec::new();
-        let mut record = |kind: Kind, method: &str, twin_agrees: &[bool], columns_agree: &[bool], correct: &[bool]| {
-            let checks: [(&str, &dyn Fn(usize) -> bool); 3] = [
-                ("none", &|_| true),
-                ("commutativity", &|i| twin_agrees[i]),
-                ("commutativity+columns", &|i| twin_agrees[i] && columns_agree[i]),
+        let mut record = |kind: Kind, method: &str, twin_agrees: &[bool], checks_agree: &[bool], correct: &[bool]| {
+            // Per check, whether each label passes it.
+            let mut checks = vec![
+                ("none".to_string(), vec![true; twin_agrees.len()]),
+                ("commutativity".into(), twin_agrees.to_vec()),
             ];
-            for (check, passes) in checks.into_iter().take(if with_columns { 3 } else { 2 }) {
-                let kept: Vec<usize> = (0..twin_agrees.len()).filter(|&i| passes(i)).collect();
+            if let Some(name) = stronger(kind) {
+                checks.push((name, twin_agrees.iter().zip(checks_agree).map(|(t, c)| *t && *c).collect()));
+            }
+            for (check, passes) in checks {
+                let kept: Vec<usize> = (0..passes.len()).filter(|&i| passes[i]).collect();
                 let errors = kept.iter().filter(|&&i| !correct[i]).count();
                 records.push(GenerationRecord {
                     stage,
                     digits: m,
                     kind,
                     method: method.to_string(),
-                    check: check.into(),
+                    check,
                     generated: twin_agrees.len(),
                     kept: kept.len(),
                     audited_errors: errors,
@@ -1024,7 +1038,7 @@ impl<'a> Run<'a> {
         let slow_problems = &labels.problems[..slow_rows.len()];
         let correct: Vec<bool> = slow_rows.iter().map(|r| r.audited_correct).collect();
         let twin_agrees = twins_agree(slow_problems, &labels.slow_answers);
-        record(Kind::Slow, "slow-greedy", &twin_agrees, &labels.slow_columns_agree, &correct);
+        record(Kind::Slow, "slow-greedy", &twin_agrees, &labels.slow_checks_agree, &correct);
         for (method, answers, columns_agree) in &labels.fast_methods {
             let correct: Vec<bool> = labels
                 .fast_problems

@@ -297,10 +297,54 @@ pub struct ParsedSlow {
 /// partial answer is d" / "Digit d", and "The next subproblem is ..." /
 /// "Next ..."). Anything else is None.
 pub fn parse_slow(output: &str, format: SlowFormat) -> Option<ParsedSlow> {
+    let read = read_slow(output, format)?;
+    let last = |piece: Piece| read.numbers.iter().rev().find(|(p, _)| *p == piece).map(|(_, number)| *number);
+    let digit: u8 = last(Piece::Digit)?.parse().ok().filter(|d| *d < 10)?;
+    let next = Problem::new(last(Piece::NextA)?, last(Piece::NextB)?, read.carry_out);
+    Some(ParsedSlow { digit, next })
+}
+
+/// The step the commutative twin (b + a) takes if this output is a + b's:
+/// the same sentences with the two last digits and the two remaining
+/// numbers exchanged. None if the output follows no template.
+pub fn mirrored_slow(output: &str, format: SlowFormat) -> Option<String> {
+    let read = read_slow(output, format)?;
+    let mut seen = Vec::new();
+    let mut mirrored = String::new();
+    for piece in read.template {
+        let partner = match piece {
+            Piece::Text(text) => {
+                mirrored.push_str(text);
+                continue;
+            }
+            Piece::X => Piece::Y,
+            Piece::Y => Piece::X,
+            Piece::NextA => Piece::NextB,
+            Piece::NextB => Piece::NextA,
+            other => other,
+        };
+        // The k-th X of the output becomes the k-th Y, and so on (the
+        // English format states some numbers twice).
+        let k = seen.iter().filter(|&&p| p == piece).count();
+        seen.push(piece);
+        mirrored.push_str(read.numbers.iter().filter(|(p, _)| *p == partner).nth(k)?.1);
+    }
+    Some(mirrored)
+}
+
+/// A slow output that follows a template: which one, and its numbers in order.
+struct SlowText<'a> {
+    template: Vec<Piece>,
+    carry_out: bool,
+    numbers: Vec<(Piece, &'a str)>,
+}
+
+fn read_slow(output: &str, format: SlowFormat) -> Option<SlowText<'_>> {
     [(false, false), (false, true), (true, false), (true, true)].iter().find_map(|&(carry_in, carry_out)| {
+        let template = slow_template(format, carry_in, carry_out);
         let mut rest = output;
-        let (mut digit, mut a, mut b) = (None, None, None);
-        for piece in slow_template(format, carry_in, carry_out) {
+        let mut numbers = Vec::new();
+        for &piece in &template {
             if let Piece::Text(text) = piece {
                 rest = rest.strip_prefix(text)?;
                 continue;
@@ -310,17 +354,10 @@ pub fn parse_slow(output: &str, format: SlowFormat) -> Option<ParsedSlow> {
             if number.is_empty() {
                 return None;
             }
+            numbers.push((piece, number));
             rest = tail;
-            match piece {
-                Piece::Digit => digit = Some(number),
-                Piece::NextA => a = Some(number),
-                Piece::NextB => b = Some(number),
-                _ => {}
-            }
         }
-        let digit: u8 = digit?.parse().ok().filter(|d| *d < 10)?;
-        let next = Problem::new(a?, b?, carry_out);
-        rest.is_empty().then_some(ParsedSlow { digit, next })
+        rest.is_empty().then_some(SlowText { template, carry_out, numbers })
     })
 }
 

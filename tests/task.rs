@@ -2,7 +2,7 @@
 //! examples (PROTOCOL.md section 3), and the output parsers under fuzzing.
 
 use rand::{Rng, SeedableRng};
-use sector::task::{parse_fast, parse_slow, Kind, ParsedSlow, Problem, SlowFormat};
+use sector::task::{mirrored_slow, parse_fast, parse_slow, Kind, ParsedSlow, Problem, SlowFormat};
 
 #[test]
 fn prompts_and_fast_targets() {
@@ -99,6 +99,23 @@ fn a_slow_output_with_wrong_numbers_still_parses_for_the_chain() {
     // Carry sentence without the "+ 1" it implies matches no template.
     assert_eq!(parse_slow("A: 5 + 7 = 12. Digit 2. Carry 1. Next 9 + 8.", SlowFormat::Compact), None);
     assert_eq!(parse_slow("A: 5 + 7 = 12. Digit 12. Carry 1. Next 9 + 8 + 1.", SlowFormat::Compact), None);
+}
+
+#[test]
+fn a_mirrored_step_is_the_twins_step() {
+    let mut rng = rand_pcg::Pcg64::seed_from_u64(1);
+    for _ in 0..500 {
+        let digits = rng.random_range(2..20);
+        let p = sector::task::random_problem(&mut rng, digits);
+        for format in [SlowFormat::English, SlowFormat::Compact] {
+            assert_eq!(mirrored_slow(&p.slow_target(format), format), Some(p.twin().slow_target(format)), "{p:?}");
+        }
+    }
+    // A wrong step mirrors as it is: its twin must make the same mistake the other way round.
+    let wrong = "A: 2 + 5 = 7. Digit 7. Next 87727914 + 47498904.";
+    let mirrored = mirrored_slow(wrong, SlowFormat::Compact);
+    assert_eq!(mirrored.as_deref(), Some("A: 5 + 2 = 7. Digit 7. Next 47498904 + 87727914."));
+    assert_eq!(mirrored_slow("A: 2 + 5 = 7. Digit 7.", SlowFormat::Compact), None);
 }
 
 #[test]
