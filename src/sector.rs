@@ -938,10 +938,14 @@ impl<'a> Run<'a> {
         let slow_columns_agree =
             slow_swaps.agree(&slow_answers, &first_candidates(&solver.simplify_only(&slow_swaps.problems)?));
         let slow_outputs: Vec<&String> = slow_traces.iter().map(|t| &t.slow_outputs[0]).collect();
-        let mirrored = twins_pass(&slow_problems, |i, j| {
-            !st.mirrored_steps || mirrored_slow(slow_outputs[i], format).as_ref() == Some(slow_outputs[j])
-        });
-        let slow_checks_agree: Vec<bool> = slow_columns_agree.iter().zip(&mirrored).map(|(c, m)| *c && *m).collect();
+        let slow_checks_agree = if st.mirrored_steps {
+            let mirrored = twins_pass(&slow_problems, |i, j| {
+                mirrored_slow(slow_outputs[i], format).as_ref() == Some(slow_outputs[j])
+            });
+            slow_columns_agree.iter().zip(&mirrored).map(|(c, m)| *c && *m).collect()
+        } else {
+            slow_columns_agree
+        };
         let swapped_stg = solver.simplify_then_guess(&fast_swaps.problems, st.k)?;
         let swapped_fast = solver.fast(&fast_swaps.problems)?;
         let fast_methods: Vec<(LabelMethod, Vec<Option<String>>, Vec<bool>)> = [
