@@ -352,6 +352,14 @@ pub struct SelfTrainingSettings {
     /// alone). A CPU-scale deviation.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub mirrored_steps: bool,
+    /// A stronger check of slow labels: the problem with its last column
+    /// made another way, two last digits and a carry in with the same sum
+    /// (3 + 3 as 4 + 2 or 2 + 3 + 1), must take the label's step but for
+    /// the numbers it reads (`Problem::last_column_variant`). The twin
+    /// cannot see a one-column sum both get wrong (`A: 3 + 3 = 5.`); false:
+    /// the paper's check alone. A CPU-scale deviation.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub last_column_variants: bool,
 }
 
 fn is_none(count: &usize) -> bool {
@@ -376,6 +384,7 @@ impl Default for SelfTrainingSettings {
             lr: None,
             column_swaps: 0,
             mirrored_steps: false,
+            last_column_variants: false,
         }
     }
 }
@@ -525,6 +534,7 @@ impl Experiment {
             ("self_training.lr", self.self_training.lr.is_some()),
             ("self_training.column_swaps", self.self_training.column_swaps > 0),
             ("self_training.mirrored_steps", self.self_training.mirrored_steps),
+            ("self_training.last_column_variants", self.self_training.last_column_variants),
         ]
         .into_iter()
         .filter_map(|(field, on)| on.then_some(field))
@@ -701,6 +711,7 @@ mod tests {
             ("name = \"x\"\n[self_training]\ncolumn_swaps = 2", "self_training.column_swaps"),
             ("name = \"x\"\n[self_training]\ngenerated_scale = 2.0", "self_training.generated_scale"),
             ("name = \"x\"\n[self_training]\nmirrored_steps = true", "self_training.mirrored_steps"),
+            ("name = \"x\"\n[self_training]\nlast_column_variants = true", "self_training.last_column_variants"),
             (
                 "name = \"x\"\n[model]\npreset = \"byt5-base\"\ndevice = \"cuda\"\nrelative_attention_clip = 4",
                 "model.relative_attention_clip",

@@ -24,7 +24,7 @@ use crate::memory::{device_capacity, MemoryPlan};
 use crate::model::select_device;
 use crate::parallel::{self, Collective};
 use crate::provenance::Provenance;
-use crate::task::{mirrored_slow, sample_unique, Kind, Oracle, Problem};
+use crate::task::{mirrored_slow, restated_last_column, sample_unique, Kind, Oracle, Problem};
 use crate::tokenizer::encode;
 use crate::train::{Example, LrSchedule, Trainer};
 use crate::weights::Model;
@@ -125,8 +125,9 @@ pub struct GenerationRecord {
     pub digits: usize,
     pub kind: Kind,
     pub method: String,
-    /// "none", "commutativity" or "commutativity+columns" (the twin and
-    /// the column-swap variants, `self_training.column_swaps`).
+    /// "none", "commutativity", or the twin and the stronger checks that
+    /// are on, e.g. "commutativity+columns+mirror+last-column"
+    /// (`self_training.column_swaps`, `mirrored_steps`, `last_column_variants`).
     pub check: String,
     pub generated: usize,
     pub kept: usize,
@@ -188,7 +189,8 @@ struct Labels {
     /// Simplify-only answers that check the slow labels.
     slow_answers: Vec<Option<String>>,
     /// Per slow problem: whether the stronger checks that are on (its
-    /// column-swap variants, its twin's mirrored step) agree with it.
+    /// column-swap variants, its twin's mirrored step, its last-column
+    /// variant's step) agree with it.
     slow_checks_agree: Vec<bool>,
     /// Fast answers by every labelling method, and per problem whether its
     /// column-swap variants agree with it under that method.
@@ -310,6 +312,11 @@ fn rate(hits: usize, total: usize) -> f64 {
 /// parsable answer. A problem whose twin is not in the set does not agree.
 fn twins_agree(problems: &[Problem], answers: &[Option<String>]) -> Vec<bool> {
     twins_pass(problems, |i, j| answers[i].is_some() && answers[j] == answers[i])
+}
+
+/// `agree[i] &= check[i]`: a label passes every check that is on.
+fn both(agree: &mut [bool], check: &[bool]) {
+    agree.iter_mut().zip(check).for_each(|(a, c)| *a &= *c);
 }
 
 /// For each problem i whose commutative twin j is in the set: pass(i, j);
@@ -938,14 +945,31 @@ impl<'a> Run<'a> {
         let slow_columns_agree =
             slow_swaps.agree(&slow_answers, &first_candidates(&solver.simplify_only(&slow_swaps.problems)?));
         let slow_outputs: Vec<&String> = slow_traces.iter().map(|t| &t.slow_outputs[0]).collect();
-        let slow_checks_agree = if st.mirrored_steps {
+        let mut slow_checks_agree = slow_columns_agree;
+        if st.mirrored_steps {
             let mirrored = twins_pass(&slow_problems, |i, j| {
                 mirrored_slow(slow_outputs[i], format).as_ref() == Some(slow_outputs[j])
             });
-            slow_columns_agree.iter().zip(&mirrored).map(|(c, m)| *c && *m).collect()
-        } else {
-            slow_columns_agree
-        };
+            both(&mut slow_checks_agree, &mirrored);
+        }
+        if st.last_column_variants {
+            let variants: Vec<Option<Problem>> =
+                slow_problems.iter().map(|p| p.last_column_variant(&mut variant_rng)).collect();
+            let asked: Vec<Problem> = variants.iter().flatten().cloned().collect();
+            let mut variant_outputs = solver.ask(&asked, Kind::Slow)?.into_iter();
+            let restated: Vec<bool> = variants
+                .iter()
+                .zip(&slow_outputs)
+                .map(|(variant, output)| match variant {
+                    None => true,
+                    Some(v) => {
+                        let asked_output = variant_outputs.next().expect("one output per variant");
+                        restated_last_column(output, format, v) == Some(asked_output)
+                    }
+                })
+                .collect();
+            both(&mut slow_checks_agree, &restated);
+        }
         let swapped_stg = solver.simplify_then_guess(&fast_swaps.problems, st.k)?;
         let swapped_fast = solver.fast(&fast_swaps.problems)?;
         let fast_methods: Vec<(LabelMethod, Vec<Option<String>>, Vec<bool>)> = [
@@ -1008,7 +1032,11 @@ impl<'a> Run<'a> {
         // The name of the third check, e.g. "commutativity+columns+mirror"
         // (None when no stronger check is on for that kind).
         let stronger = |kind: Kind| {
-            let on = [("columns", st.column_swaps > 0), ("mirror", kind == Kind::Slow && st.mirrored_steps)];
+            let on = [
+                ("columns", st.column_swaps > 0),
+                ("mirror", kind == Kind::Slow && st.mirrored_steps),
+                ("last-column", kind == Kind::Slow && st.last_column_variants),
+            ];
             let names: Vec<&str> = on.iter().filter(|(_, on)| *on).map(|(name, _)| *name).collect();
             (!names.is_empty()).then(|| format!("commutativity+{}", names.join("+")))
         };

@@ -74,6 +74,38 @@ impl Problem {
         columns.into_iter().map(|c| self.swap_column(c)).collect()
     }
 
+    /// The last digit of each number.
+    pub fn last_digits(&self) -> (u8, u8) {
+        let last = |n: &str| n.as_bytes()[n.len() - 1] - b'0';
+        (last(&self.a), last(&self.b))
+    }
+
+    /// The problem with its last column made another way: two last digits
+    /// and a carry in with the same sum, drawn from those that are neither
+    /// this column nor its twin's (3 + 3: 0 + 6, 1 + 5, 2 + 4, 4 + 2, 5 + 1,
+    /// 6 + 0, 0 + 5 + 1, ..., 5 + 0 + 1). Its step has the same sum, digit,
+    /// carry out and subproblem. None when the column has no other way (it
+    /// sums to 0 or 19) or is the leading one.
+    pub fn last_column_variant(&self, rng: &mut Pcg64) -> Option<Problem> {
+        if self.digits() < 2 {
+            return None;
+        }
+        let (x, y) = self.last_digits();
+        let sum = x + y + self.carry as u8;
+        let ways: Vec<(u8, bool)> = [false, true]
+            .into_iter()
+            .flat_map(|carry| (0..=9).map(move |d| (d, carry)))
+            .filter(|&(d, carry)| d + carry as u8 <= sum && sum - d - (carry as u8) <= 9)
+            .filter(|&(d, carry)| carry != self.carry || (d != x && d != y))
+            .collect();
+        if ways.is_empty() {
+            return None;
+        }
+        let (d, carry) = ways[rng.random_range(0..ways.len())];
+        let restate = |n: &str, digit: u8| format!("{}{}", &n[..n.len() - 1], digit);
+        Some(Problem::new(restate(&self.a, d), restate(&self.b, sum - d - carry as u8), carry))
+    }
+
     /// `Q: {a} + {b} = ?` or `Q: {a} + {b} + 1 = ?`
     pub fn question(&self) -> String {
         format!("Q: {} + {}{} = ?", self.a, self.b, plus_one(self.carry))
@@ -98,8 +130,7 @@ impl Problem {
 
     /// The simplification step of this problem (needs at least 2 digits).
     pub fn slow_step(&self) -> SlowStep {
-        let last = |n: &str| n.as_bytes()[n.len() - 1] - b'0';
-        let (x, y) = (last(&self.a), last(&self.b));
+        let (x, y) = self.last_digits();
         let s = x + y + self.carry as u8;
         SlowStep {
             x,
@@ -308,35 +339,69 @@ pub fn parse_slow(output: &str, format: SlowFormat) -> Option<ParsedSlow> {
 /// the same sentences with the two last digits and the two remaining
 /// numbers exchanged. None if the output follows no template.
 pub fn mirrored_slow(output: &str, format: SlowFormat) -> Option<String> {
-    let read = read_slow(output, format)?;
-    let mut seen = Vec::new();
-    let mut mirrored = String::new();
-    for piece in read.template {
+    restate_slow(output, format, None, |piece, k, read| {
         let partner = match piece {
-            Piece::Text(text) => {
-                mirrored.push_str(text);
-                continue;
-            }
             Piece::X => Piece::Y,
             Piece::Y => Piece::X,
             Piece::NextA => Piece::NextB,
             Piece::NextB => Piece::NextA,
             other => other,
         };
-        // The k-th X of the output becomes the k-th Y, and so on (the
-        // English format states some numbers twice).
-        let k = seen.iter().filter(|&&p| p == piece).count();
-        seen.push(piece);
-        mirrored.push_str(read.numbers.iter().filter(|(p, _)| *p == partner).nth(k)?.1);
-    }
-    Some(mirrored)
+        read.number(partner, k).map(str::to_string)
+    })
 }
 
-/// A slow output that follows a template: which one, and its numbers in order.
+/// The step of `variant` if this output is that of a problem whose last
+/// column `variant` makes another way (`Problem::last_column_variant`): the
+/// same sentences with the variant's last digits and carry in. None if the
+/// output follows no template.
+pub fn restated_last_column(output: &str, format: SlowFormat, variant: &Problem) -> Option<String> {
+    let (x, y) = variant.last_digits();
+    restate_slow(output, format, Some(variant.carry), |piece, k, read| match piece {
+        Piece::X => Some(x.to_string()),
+        Piece::Y => Some(y.to_string()),
+        other => read.number(other, k).map(str::to_string),
+    })
+}
+
+/// The output with each number restated by `restate(piece, k, read)`, k
+/// counting earlier numbers of the same piece (the English format states
+/// some twice), in the template of `carry_in` (None: the output's own).
+/// None if the output follows no template or `restate` is None.
+fn restate_slow(
+    output: &str,
+    format: SlowFormat,
+    carry_in: Option<bool>,
+    restate: impl Fn(Piece, usize, &SlowText) -> Option<String>,
+) -> Option<String> {
+    let read = read_slow(output, format)?;
+    let mut seen = Vec::new();
+    let mut restated = String::new();
+    for piece in slow_template(format, carry_in.unwrap_or(read.carry_in), read.carry_out) {
+        if let Piece::Text(text) = piece {
+            restated.push_str(text);
+            continue;
+        }
+        let k = seen.iter().filter(|&&p| p == piece).count();
+        seen.push(piece);
+        restated.push_str(&restate(piece, k, &read)?);
+    }
+    Some(restated)
+}
+
+/// A slow output that follows a template: which one (its carries), and its
+/// numbers in order.
 struct SlowText<'a> {
-    template: Vec<Piece>,
+    carry_in: bool,
     carry_out: bool,
     numbers: Vec<(Piece, &'a str)>,
+}
+
+impl SlowText<'_> {
+    /// The k-th number the output states for `piece`.
+    fn number(&self, piece: Piece, k: usize) -> Option<&str> {
+        self.numbers.iter().filter(|(p, _)| *p == piece).nth(k).map(|(_, number)| *number)
+    }
 }
 
 fn read_slow(output: &str, format: SlowFormat) -> Option<SlowText<'_>> {
@@ -357,7 +422,7 @@ fn read_slow(output: &str, format: SlowFormat) -> Option<SlowText<'_>> {
             numbers.push((piece, number));
             rest = tail;
         }
-        rest.is_empty().then_some(SlowText { template, carry_out, numbers })
+        rest.is_empty().then_some(SlowText { carry_in, carry_out, numbers })
     })
 }
 

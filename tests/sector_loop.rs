@@ -291,10 +291,11 @@ fn a_self_training_rate_changes_how_self_training_stages_train_and_nothing_befor
 }
 
 #[test]
-fn column_swaps_and_mirrored_steps_check_labels_beside_the_twins() {
+fn column_swaps_mirrored_steps_and_last_column_variants_check_labels_beside_the_twins() {
     let runs = self_training_from_the_reference("micro-column-swaps", |e| {
         e.self_training.column_swaps = 2;
         e.self_training.mirrored_steps = true;
+        e.self_training.last_column_variants = true;
         // Fast labels by the fast method: the micro model's twins agree on most of them.
         e.self_training.fast_labels = sector::config::LabelMethod::Fast;
     });
@@ -304,9 +305,14 @@ fn column_swaps_and_mirrored_steps_check_labels_beside_the_twins() {
         let row = generation.iter().find(|g| g.method == method && g.check == check);
         row.unwrap_or_else(|| panic!("no {method} / {check} row")).kept
     };
-    // Slow labels meet both stronger checks, fast labels the column swaps.
-    let stronger =
-        |method: &str| if method == "slow-greedy" { "commutativity+columns+mirror" } else { "commutativity+columns" };
+    // Slow labels meet all three stronger checks, fast labels the column swaps.
+    let stronger = |method: &str| {
+        if method == "slow-greedy" {
+            "commutativity+columns+mirror+last-column"
+        } else {
+            "commutativity+columns"
+        }
+    };
     for method in ["slow-greedy", "fast", "simplify-only", "simplify-then-guess"] {
         assert!(kept(method, stronger(method)) <= kept(method, "commutativity"), "{method}");
     }

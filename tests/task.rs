@@ -2,7 +2,9 @@
 //! examples (PROTOCOL.md section 3), and the output parsers under fuzzing.
 
 use rand::{Rng, SeedableRng};
-use sector::task::{mirrored_slow, parse_fast, parse_slow, Kind, ParsedSlow, Problem, SlowFormat};
+use sector::task::{
+    mirrored_slow, parse_fast, parse_slow, restated_last_column, Kind, ParsedSlow, Problem, SlowFormat,
+};
 
 #[test]
 fn prompts_and_fast_targets() {
@@ -116,6 +118,42 @@ fn a_mirrored_step_is_the_twins_step() {
     let mirrored = mirrored_slow(wrong, SlowFormat::Compact);
     assert_eq!(mirrored.as_deref(), Some("A: 5 + 2 = 7. Digit 7. Next 47498904 + 87727914."));
     assert_eq!(mirrored_slow("A: 2 + 5 = 7. Digit 7.", SlowFormat::Compact), None);
+}
+
+#[test]
+fn a_last_column_variant_takes_the_same_step_but_for_its_last_column() {
+    let mut rng = rand_pcg::Pcg64::seed_from_u64(2);
+    let mut drawn = 0;
+    for _ in 0..500 {
+        let digits = rng.random_range(2..20);
+        let p = sector::task::random_problem(&mut rng, digits);
+        let (x, y) = p.last_digits();
+        let Some(v) = p.last_column_variant(&mut rng) else {
+            assert!([0, 19].contains(&(x + y + p.carry as u8)), "{p:?} has another way");
+            continue;
+        };
+        drawn += 1;
+        let (vx, vy) = v.last_digits();
+        assert_eq!(vx + vy + v.carry as u8, x + y + p.carry as u8, "{v:?}");
+        let column = (vx, vy, v.carry);
+        assert!(column != (x, y, p.carry) && column != (y, x, p.carry), "{v:?}: {p:?}'s column or its twin's");
+        assert_eq!((&v.a[..digits - 1], &v.b[..digits - 1]), (&p.a[..digits - 1], &p.b[..digits - 1]));
+        assert_eq!(v.sum(), p.sum());
+        for format in [SlowFormat::English, SlowFormat::Compact] {
+            assert_eq!(restated_last_column(&p.slow_target(format), format, &v), Some(v.slow_target(format)));
+        }
+    }
+    assert!(drawn > 450, "{drawn} of 500 problems had a variant");
+    // A column summing to 19 (or 0), and a one-digit problem, have no other way.
+    assert_eq!(Problem::new("49", "59", true).last_column_variant(&mut rng), None);
+    assert_eq!(Problem::new("3", "3", false).last_column_variant(&mut rng), None);
+    // A one-column sum the model got wrong is restated as it is, so the
+    // variant's right step disagrees with it.
+    let wrong = "A: 8 + 9 = 16. Digit 6. Carry 1. Next 85490846202 + 63628266133 + 1.";
+    let variant = Problem::new("854908462028", "636282661338", true);
+    let restated = restated_last_column(wrong, SlowFormat::Compact, &variant);
+    assert_eq!(restated.as_deref(), Some("A: 8 + 8 + 1 = 16. Digit 6. Carry 1. Next 85490846202 + 63628266133 + 1."));
+    assert_ne!(restated, Some(variant.slow_target(SlowFormat::Compact)));
 }
 
 #[test]
