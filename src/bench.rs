@@ -83,7 +83,7 @@ pub fn run(reps: usize, rounds: usize, filter: &str, peer: Option<&str>) -> crat
                     (Box::new(step), case.batch * tgt_len, 3.0 * forward_flops(&cfg, case.batch, SRC_LEN, tgt_len))
                 }
                 Kind::Decode => {
-                    let opts = GreedyOptions { max_new_tokens: NEW_TOKENS, stop_at_eos: false };
+                    let opts = GreedyOptions { stop_at_eos: false, ..GreedyOptions::new(NEW_TOKENS) };
                     let decode = move || Ok(greedy(&model.t5, &inputs, opts).map(|_| ())?);
                     (Box::new(decode), case.batch * NEW_TOKENS, decode_flops(&cfg, case.batch, SRC_LEN, NEW_TOKENS))
                 }

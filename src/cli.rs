@@ -5,7 +5,7 @@ use crate::config::Experiment;
 use crate::eval::{evaluate, read_problems, summarize};
 use crate::fewshot::FewShotConfig;
 use crate::files::{csv_bytes, record_run, write_atomic, Manifest};
-use crate::generate::greedy_text;
+use crate::generate::{greedy_text, GreedyOptions};
 use crate::model::select_device;
 use crate::parallel::{Collective, SingleRank};
 use crate::pretrain::PretrainConfig;
@@ -41,6 +41,11 @@ enum Command {
         prompts: Option<PathBuf>,
         #[arg(long, default_value_t = 512)]
         max_new_tokens: usize,
+        /// Add this to every digit's place, as training adds a random offset
+        /// per example (a model with model.digit_positions): a new length's
+        /// slow step can be right at one offset and wrong at another.
+        #[arg(long, default_value_t = 0)]
+        digit_offset: u32,
         /// cpu, cuda or cuda:N.
         #[arg(long, default_value = "cpu")]
         device: String,
@@ -188,7 +193,7 @@ impl RunOptions {
 
 pub fn run() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Generate { model, prompt, prompts, max_new_tokens, device } => {
+        Command::Generate { model, prompt, prompts, max_new_tokens, digit_offset, device } => {
             let prompts = match prompts {
                 Some(path) => read_prompts(&path)?,
                 None => prompt,
@@ -198,8 +203,12 @@ pub fn run() -> anyhow::Result<()> {
             }
             let device = select_device(&device)?;
             let model = Model::load(&model, &device)?;
+            if digit_offset > 0 && model.config().digit_positions.is_none() {
+                anyhow::bail!("--digit-offset {digit_offset}: the model has no digit places (model.digit_positions); leave it out");
+            }
             let prompts: Vec<String> = prompts.iter().map(|p| unescape(p)).collect();
-            for output in greedy_text(&model.t5, &prompts, max_new_tokens)? {
+            let opts = GreedyOptions { digit_offset, ..GreedyOptions::new(max_new_tokens) };
+            for output in greedy_text(&model.t5, &prompts, opts)? {
                 println!("{}", escape(&output));
             }
         }

@@ -16,7 +16,7 @@
 use crate::config::ModelSettings;
 use crate::error::{Error, Result};
 use crate::files::{csv_bytes, read_csv};
-use crate::generate::greedy_text;
+use crate::generate::{greedy_text, GreedyOptions};
 use crate::model::select_device;
 use crate::provenance::Provenance;
 use crate::task::random_operand;
@@ -305,7 +305,7 @@ fn held_out_exact_match(
     let max_new_tokens = 2 * max_digits + 8;
     for chunk in held_out.chunks(config.strings.decode_batch.max(1)) {
         let prompts: Vec<String> = chunk.iter().map(|(_, input, _)| input.clone()).collect();
-        let outputs = greedy_text(&trainer.model.t5, &prompts, max_new_tokens)?;
+        let outputs = greedy_text(&trainer.model.t5, &prompts, GreedyOptions::new(max_new_tokens))?;
         for ((skill, _, target), output) in chunk.iter().zip(&outputs) {
             let slot = SKILLS.iter().position(|s| s == skill).expect("a known skill");
             totals[slot] += 1;

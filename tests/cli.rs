@@ -112,6 +112,17 @@ fn a_missing_model_is_a_clear_error() {
 }
 
 #[test]
+fn a_digit_offset_for_a_model_without_digit_places_is_a_clear_error() {
+    let home = tempfile::tempdir().unwrap();
+    let dir = fixture_dir();
+    let args = ["generate", "--model", dir.to_str().unwrap(), "--digit-offset", "2", "--prompt", "hi"];
+    let output = sector(&args, home.path(), None);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--digit-offset 2") && stderr.contains("model.digit_positions"), "{stderr}");
+}
+
+#[test]
 fn a_corrupt_weights_file_is_a_clear_error() {
     let home = tempfile::tempdir().unwrap();
     let dir = home.path().join("model");

@@ -65,6 +65,20 @@ fn cached_decoding_equals_a_full_pass(model: &Model) {
 }
 
 #[test]
+fn greedy_decoding_at_a_digit_offset_takes_the_full_pass_argmax_at_that_offset() {
+    let model = model_with_places(40, true);
+    let inputs = vec![encode("Add slow.\nQ: 4821 + 7395 = ?")];
+    let opts = GreedyOptions { digit_offset: 3, ..GreedyOptions::new(20) };
+    let outputs = greedy(&model.t5, &inputs, opts).unwrap();
+    // Fed back as a target, each token is the full pass's argmax at offset 3.
+    let mut batch = Seq2SeqBatch::new(&inputs, &outputs, &Device::Cpu).unwrap();
+    batch.digit_offsets = vec![3];
+    let full = model.t5.forward(&batch, &mut Dropout::off()).unwrap(); // (1, len, vocab)
+    let argmax: Vec<u32> = full.argmax(candle_core::D::Minus1).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+    assert_eq!(argmax, outputs[0]);
+}
+
+#[test]
 fn a_place_beyond_the_table_is_an_error() {
     let model = model_with_places(4, false);
     let inputs = [encode("Q: 12345 + 1 = ?")];
