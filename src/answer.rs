@@ -24,6 +24,10 @@ pub struct Solver<'a> {
     pub progress: ProgressBar,
     /// The ranks that share the decoding (`&SingleRank` for one process).
     pub collective: &'a dyn Collective,
+    /// Digit offsets every question is asked at, the output being the
+    /// majority of the answers (ties: the first offset's); empty: asked
+    /// once at the places themselves (`self_training.offset_vote`).
+    pub digit_offsets: Vec<u32>,
 }
 
 impl Drop for Solver<'_> {
@@ -71,10 +75,25 @@ pub fn majority_vote(candidates: &[Option<String>]) -> Option<String> {
 }
 
 impl Solver<'_> {
-    /// Greedy outputs for `problems` asked as `kind`, as text. Prompts are
-    /// sorted by length and decoded `decode_batch` at a time; with several
-    /// ranks each decodes its share of these chunks and all get every output.
+    /// Greedy outputs for `problems` asked as `kind`, as text: at each of
+    /// `digit_offsets` and their majority, or once.
     pub fn ask(&self, problems: &[Problem], kind: Kind) -> Result<Vec<String>> {
+        if self.digit_offsets.is_empty() {
+            return self.ask_at(problems, kind, 0);
+        }
+        let asked: Vec<Vec<String>> =
+            self.digit_offsets.iter().map(|&offset| self.ask_at(problems, kind, offset)).collect::<Result<_>>()?;
+        let majority = |i: usize| {
+            let votes: Vec<Option<String>> = asked.iter().map(|outputs| Some(outputs[i].clone())).collect();
+            majority_vote(&votes).expect("every output is a vote")
+        };
+        Ok((0..problems.len()).map(majority).collect())
+    }
+
+    /// Greedy outputs asked at one digit offset. Prompts are sorted by
+    /// length and decoded `decode_batch` at a time; with several ranks each
+    /// decodes its share of these chunks and all get every output.
+    fn ask_at(&self, problems: &[Problem], kind: Kind, digit_offset: u32) -> Result<Vec<String>> {
         let mut order: Vec<usize> = (0..problems.len()).collect();
         order.sort_by_key(|&i| problems[i].digits());
         // (problem index, output) for the chunks this rank decodes.
@@ -83,7 +102,7 @@ impl Solver<'_> {
         for (_, chunk) in chunks.enumerate().filter(|(c, _)| is_mine(self.collective, *c)) {
             let inputs: Vec<Vec<u32>> = chunk.iter().map(|&i| encode(&problems[i].prompt(kind))).collect();
             let longest = chunk.iter().map(|&i| problems[i].digits()).max().unwrap_or(1);
-            let opts = GreedyOptions::new(max_new_tokens(kind, longest, self.format));
+            let opts = GreedyOptions { digit_offset, ..GreedyOptions::new(max_new_tokens(kind, longest, self.format)) };
             for (&i, ids) in chunk.iter().zip(greedy(self.model, &inputs, opts)?) {
                 mine.push((i, decode(&ids)));
             }

@@ -330,8 +330,14 @@ pub fn run() -> anyhow::Result<()> {
             let progress = indicatif::ProgressBar::new(problems.len() as u64 * 2).with_style(
                 indicatif::ProgressStyle::with_template("answering: {pos} rows decoded, {per_sec}, {elapsed}")?,
             );
-            let solver =
-                Solver { model: &model.t5, format: slow_format, decode_batch, progress, collective: &SingleRank };
+            let solver = Solver {
+                model: &model.t5,
+                format: slow_format,
+                decode_batch,
+                progress,
+                collective: &SingleRank,
+                digit_offsets: Vec::new(),
+            };
             let results = evaluate(&solver, &problems, &TrueOracle)?;
             write_atomic(&out, &csv_bytes(&results, &out)?)?;
             let lengths = summarize(&results);

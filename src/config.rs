@@ -360,6 +360,15 @@ pub struct SelfTrainingSettings {
     /// the paper's check alone. A CPU-scale deviation.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub last_column_variants: bool,
+    /// Labelling asks every question at digit offsets 0..offset_vote and
+    /// takes the majority output (0: at offset 0 alone, the places
+    /// themselves). Training draws an offset per example; at a length it was
+    /// not taught, a model's step is right at some offsets and wrong at
+    /// others (sweep rows m01-m03). Needs model.digit_positions and at most
+    /// train.digit_offset.max + 1 offsets. Gates and evaluations ask at
+    /// offset 0. A CPU-scale deviation.
+    #[serde(skip_serializing_if = "is_none")]
+    pub offset_vote: usize,
 }
 
 fn is_none(count: &usize) -> bool {
@@ -385,6 +394,7 @@ impl Default for SelfTrainingSettings {
             column_swaps: 0,
             mirrored_steps: false,
             last_column_variants: false,
+            offset_vote: 0,
         }
     }
 }
@@ -535,6 +545,7 @@ impl Experiment {
             ("self_training.column_swaps", self.self_training.column_swaps > 0),
             ("self_training.mirrored_steps", self.self_training.mirrored_steps),
             ("self_training.last_column_variants", self.self_training.last_column_variants),
+            ("self_training.offset_vote", self.self_training.offset_vote > 0),
         ]
         .into_iter()
         .filter_map(|(field, on)| on.then_some(field))
@@ -556,6 +567,18 @@ impl Experiment {
             }
             _ => self.model.digit_positions,
         };
+        // Labelling asks at offsets 0..offset_vote: each must be one training draws.
+        let vote = self.self_training.offset_vote;
+        if vote == 1 || (vote > 0 && (digit_positions.is_none() || vote > offset + 1)) {
+            return bad(
+                "self_training.offset_vote",
+                format!(
+                    "is {vote}; it must be 0 (off), or 2 to train.digit_offset.max + 1 = {} with \
+                     model.digit_positions set",
+                    offset + 1
+                ),
+            );
+        }
         match digit_positions {
             None if offset > 0 => bad(
                 "train.digit_offset",
@@ -712,6 +735,18 @@ mod tests {
             ("name = \"x\"\n[self_training]\ngenerated_scale = 2.0", "self_training.generated_scale"),
             ("name = \"x\"\n[self_training]\nmirrored_steps = true", "self_training.mirrored_steps"),
             ("name = \"x\"\n[self_training]\nlast_column_variants = true", "self_training.last_column_variants"),
+            ("name = \"x\"\n[self_training]\noffset_vote = 5", "self_training.offset_vote"),
+            (
+                "name = \"x\"\nscale = \"cpu\"\n[model]\npreset = \"cpu-tiny\"\ndevice = \"cpu\"\n\
+                 digit_positions = { max_index = 60 }\n[train]\ndigit_offset = { max = 3 }\n\
+                 [self_training]\noffset_vote = 5",
+                "self_training.offset_vote",
+            ),
+            (
+                "name = \"x\"\nscale = \"cpu\"\n[model]\npreset = \"cpu-tiny\"\ndevice = \"cpu\"\n\
+                 [self_training]\noffset_vote = 1",
+                "self_training.offset_vote",
+            ),
             (
                 "name = \"x\"\n[model]\npreset = \"byt5-base\"\ndevice = \"cuda\"\nrelative_attention_clip = 4",
                 "model.relative_attention_clip",

@@ -216,6 +216,7 @@ pub fn run_into(experiment: &Experiment, probe: &ProbeSettings, runs_root: &Path
             decode_batch: experiment.eval.decode_batch,
             progress: ProgressBar::hidden(),
             collective: &SingleRank,
+            digit_offsets: Vec::new(),
         };
         let mut line = format!("step {step} loss {loss:.4} | slow / fast / simplify-only / stg by length:");
         for problems in &eval_sets {

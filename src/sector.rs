@@ -551,6 +551,7 @@ impl<'a> Run<'a> {
             decode_batch: self.experiment.eval.decode_batch,
             progress,
             collective: trainer.collective.as_ref(),
+            digit_offsets: Vec::new(),
         }
     }
 
@@ -931,7 +932,8 @@ impl<'a> Run<'a> {
         let mut rng = self.rng(stage, streams::DATA);
         let slow_problems = sample_unique(&mut rng, m, e.generated(SLOW_NEW / SELF_TRAINING_FRACTION), &HashSet::new());
         let fast_problems = sample_unique(&mut rng, m, e.generated(FAST_NEW / SELF_TRAINING_FRACTION), &HashSet::new());
-        let solver = self.solver(trainer, &format!("labelling {m}-digit problems"));
+        let mut solver = self.solver(trainer, &format!("labelling {m}-digit problems"));
+        solver.digit_offsets = (0..st.offset_vote as u32).collect();
         let slow_traces = solver.simplify_only(&slow_problems)?;
         let slow_answers = first_candidates(&slow_traces);
         let stg: Vec<Trace> = solver.simplify_then_guess(&fast_problems, st.k)?;

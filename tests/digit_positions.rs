@@ -8,8 +8,11 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::max_abs_diff;
+use sector::answer::Solver;
 use sector::generate::{greedy, GreedyOptions};
 use sector::model::{DigitPositions, Dropout, Seq2SeqBatch, T5Config};
+use sector::parallel::SingleRank;
+use sector::task::{Kind, SlowFormat};
 use sector::tokenizer::encode;
 use sector::train::{DigitOffset, OffsetDraw, TrainConfig, Trainer};
 use sector::weights::Model;
@@ -76,6 +79,31 @@ fn greedy_decoding_at_a_digit_offset_takes_the_full_pass_argmax_at_that_offset()
     let full = model.t5.forward(&batch, &mut Dropout::off()).unwrap(); // (1, len, vocab)
     let argmax: Vec<u32> = full.argmax(candle_core::D::Minus1).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
     assert_eq!(argmax, outputs[0]);
+}
+
+#[test]
+fn a_solver_asking_at_several_digit_offsets_answers_with_their_majority() {
+    let model = model_with_places(40, true);
+    let mut rng = rand_pcg::Pcg64::new(3, 0);
+    let problems = sector::task::sample_unique(&mut rng, 4, 30, &std::collections::HashSet::new());
+    let ask = |digit_offsets: Vec<u32>| {
+        let solver = Solver {
+            model: &model.t5,
+            format: SlowFormat::Compact,
+            decode_batch: 16,
+            progress: indicatif::ProgressBar::hidden(),
+            collective: &SingleRank,
+            digit_offsets,
+        };
+        solver.ask(&problems, Kind::Slow).unwrap()
+    };
+    let (at_0, at_1) = (ask(vec![0]), ask(vec![1]));
+    assert_ne!(at_0, at_1, "the offsets change some outputs");
+    assert_eq!(ask(Vec::new()), at_0, "no offsets: the places themselves");
+    // Two votes beat one; a tie goes to the first offset.
+    assert_eq!(ask(vec![0, 1, 1]), at_1);
+    assert_eq!(ask(vec![1, 0, 0]), at_0);
+    assert_eq!(ask(vec![1, 0]), at_1);
 }
 
 #[test]

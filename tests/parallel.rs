@@ -99,6 +99,7 @@ fn two_ranks_decode_what_one_process_decodes() {
             decode_batch: 8,
             progress: indicatif::ProgressBar::hidden(),
             collective,
+            digit_offsets: Vec::new(),
         };
         (solver.ask(&problems, Kind::Slow).unwrap(), solver.fast(&problems).unwrap())
     };
