@@ -233,12 +233,15 @@ pub fn run() -> anyhow::Result<()> {
                 (_, Some(_), None) => unreachable!("clap requires --nccl-id with --rank"),
             };
             let rank_zero = collective.rank() == 0;
+            let (name, scale) = (experiment.name.clone(), experiment.scale.clone());
             let records = crate::sector::run(experiment, &output.runs_dir, &TrueOracle, collective)?;
             if rank_zero {
                 println!("{} stages:", records.len());
                 for record in &records {
                     println!("{}", crate::sector::stage_summary(record));
                 }
+                let finals = crate::files::read_csv(&run_dir.join(crate::analysis::FINAL_CSV))?;
+                println!("\n{}", crate::sector::run_summary(&name, &scale, &records, &finals));
             }
             if rank.is_none() {
                 output.record(&run_dir)?;

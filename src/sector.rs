@@ -1257,9 +1257,120 @@ pub fn stage_summary(r: &StageRecord) -> String {
     line
 }
 
+/// Seconds as a reader takes them in: "40 s", "25 min" or "2.5 h".
+fn duration(seconds: f64) -> String {
+    match seconds {
+        s if s < 60.0 => format!("{s:.0} s"),
+        s if s < 3600.0 => format!("{:.0} min", s / 60.0),
+        s => format!("{:.1} h", s / 3600.0),
+    }
+}
+
+/// A finished run on one screen: the digits it was taught and those it
+/// taught itself, the stages' wall time, the final checkpoint's fast accuracy
+/// (`finals`, final.csv) and where the rendered artifacts of `scale` are.
+pub fn run_summary(name: &str, scale: &str, records: &[StageRecord], finals: &[analysis::FinalRecord]) -> String {
+    let seconds = |phase: Phase| records.iter().filter(|r| r.phase == phase).map(|r| r.seconds).sum::<f64>();
+    let passed = |phase: Phase| records.iter().filter(move |r| r.phase == phase && r.passed).map(|r| r.digits);
+    let span = |phase: Phase| match (passed(phase).min(), passed(phase).max()) {
+        (Some(first), Some(last)) => format!("{}..{last} ({} lengths)", first, last + 1 - first),
+        _ => "none".to_string(),
+    };
+    // The curriculum teaches 1..N at stage N.
+    let supervised = passed(Phase::Supervised).max().map_or("none".to_string(), |last| format!("1..{last}"));
+    let mut lines = vec![
+        format!(
+            "{name}: {} stages, {} of stage wall time",
+            records.len(),
+            duration(seconds(Phase::Supervised) + seconds(Phase::SelfTraining))
+        ),
+        format!("  supervised:   {supervised} ({})", duration(seconds(Phase::Supervised))),
+        format!(
+            "  self-taught:  {}, no ground truth ({})",
+            span(Phase::SelfTraining),
+            duration(seconds(Phase::SelfTraining))
+        ),
+    ];
+    if let Some(reason) = records.last().map(|r| &r.stop_reason).filter(|r| !r.is_empty()) {
+        lines.push(format!("  ended:        {reason}"));
+    }
+    let last_taught = records.iter().rev().find(|r| r.passed).map_or(0, |r| r.digits);
+    let taught: Vec<&analysis::FinalRecord> = finals.iter().filter(|f| f.length <= last_taught).collect();
+    if let Some(worst) = taught.iter().min_by(|x, y| x.fast.total_cmp(&y.fast)) {
+        let problems = taught.iter().map(|f| f.problems).max().unwrap_or(0);
+        lines.push(format!(
+            "  final checkpoint (stage {}): fast on 1..{last_taught} digits ({problems} problems a length) {:.2} at worst (on {}-digit problems), 0.98 or more on {} of {}",
+            worst.stage,
+            worst.fast,
+            worst.length,
+            taught.iter().filter(|f| f.fast >= 0.98).count(),
+            taught.len()
+        ));
+    }
+    lines.push(format!("  Table 1: results/{scale}/tables/table1.md; Figure 6: figures/{scale}/fig6.png (make table1 fig6 SCALE={scale}, from the recording)"));
+    lines.join("\n")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_run_summary_names_the_taught_and_self_taught_digits_and_the_worst_final_length() {
+        let stage = |stage: usize, phase: Phase, digits: usize, passed: bool, stop_reason: &str| StageRecord {
+            stage,
+            phase,
+            digits,
+            epochs: 1,
+            passed,
+            gate_fast: 1.0,
+            gate_slow: 1.0,
+            next_fast: None,
+            next_slow: None,
+            generated: 0,
+            accepted: 0,
+            rejected: 0,
+            train_examples: 0,
+            script_examples: 0,
+            consumed: 0,
+            accepted_fast_error: None,
+            accepted_slow_error: None,
+            seconds: 1800.0,
+            next_phase: Phase::SelfTraining,
+            next_digits: digits + 1,
+            stop_reason: stop_reason.into(),
+        };
+        let records = [
+            stage(1, Phase::Supervised, 3, true, ""),
+            stage(2, Phase::Supervised, 4, true, ""),
+            stage(3, Phase::SelfTraining, 5, true, ""),
+            stage(4, Phase::SelfTraining, 6, true, ""),
+            stage(5, Phase::SelfTraining, 7, false, "self-training stage 7 did not pass its gate in 20 epochs"),
+        ];
+        // The final checkpoint is stage 4's (6 digits); lengths beyond it do not count.
+        let fast = [1.0, 0.99, 0.95, 1.0, 0.98, 0.97, 0.5, 0.1];
+        let finals: Vec<analysis::FinalRecord> = (1..=8)
+            .map(|length| analysis::FinalRecord { stage: 4, length, problems: 100, fast: fast[length - 1] })
+            .collect();
+        let summary = run_summary("cpu-main", "cpu", &records, &finals);
+        assert!(summary.starts_with("cpu-main: 5 stages, 2.5 h of stage wall time"), "{summary}");
+        assert!(summary.contains("supervised:   1..4 (1.0 h)"), "{summary}");
+        assert!(summary.contains("self-taught:  5..6 (2 lengths), no ground truth (1.5 h)"), "{summary}");
+        assert!(summary.contains("ended:        self-training stage 7 did not pass its gate"), "{summary}");
+        assert!(
+            summary.contains(
+                "fast on 1..6 digits (100 problems a length) 0.95 at worst (on 3-digit problems), 0.98 or more on 4 of 6"
+            ),
+            "{summary}"
+        );
+        assert!(
+            summary.contains("results/cpu/tables/table1.md") && summary.contains("figures/cpu/fig6.png"),
+            "{summary}"
+        );
+        // A run that taught itself nothing says so.
+        let summary = run_summary("x", "micro", &records[..2], &[]);
+        assert!(summary.contains("self-taught:  none"), "{summary}");
+    }
 
     #[test]
     fn a_label_needs_every_column_swap_variant_to_agree() {
