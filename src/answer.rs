@@ -74,20 +74,41 @@ pub fn majority_vote(candidates: &[Option<String>]) -> Option<String> {
     best.and_then(|(candidate, _)| candidate.clone())
 }
 
+/// Whether `left` more votes cannot change the majority of `votes`: its
+/// leader is ahead of every other output by more than `left`.
+fn settled(votes: &[Option<String>], left: usize) -> bool {
+    let mut outputs: Vec<&Option<String>> = votes.iter().collect();
+    outputs.sort();
+    outputs.dedup();
+    let mut counts: Vec<usize> = outputs.iter().map(|&o| votes.iter().filter(|v| *v == o).count()).collect();
+    counts.sort_unstable_by(|a, b| b.cmp(a));
+    let (leader, runner_up) = (counts.first().copied().unwrap_or(0), counts.get(1).copied().unwrap_or(0));
+    leader > runner_up + left
+}
+
 impl Solver<'_> {
-    /// Greedy outputs for `problems` asked as `kind`, as text: at each of
-    /// `digit_offsets` and their majority, or once.
+    /// Greedy outputs for `problems` asked as `kind`, as text: the majority
+    /// of their outputs at `digit_offsets`, or asked once. A problem is
+    /// asked at the next offset only while the offsets left could still
+    /// change its majority (three of five agreeing settle it).
     pub fn ask(&self, problems: &[Problem], kind: Kind) -> Result<Vec<String>> {
         if self.digit_offsets.is_empty() {
             return self.ask_at(problems, kind, 0);
         }
-        let asked: Vec<Vec<String>> =
-            self.digit_offsets.iter().map(|&offset| self.ask_at(problems, kind, offset)).collect::<Result<_>>()?;
-        let majority = |i: usize| {
-            let votes: Vec<Option<String>> = asked.iter().map(|outputs| Some(outputs[i].clone())).collect();
-            majority_vote(&votes).expect("every output is a vote")
-        };
-        Ok((0..problems.len()).map(majority).collect())
+        // votes[i]: problem i's outputs so far, in the order of the offsets.
+        let mut votes: Vec<Vec<Option<String>>> = vec![Vec::new(); problems.len()];
+        for (asked, &offset) in self.digit_offsets.iter().enumerate() {
+            let left = self.digit_offsets.len() - asked;
+            let open: Vec<usize> = (0..problems.len()).filter(|&i| !settled(&votes[i], left)).collect();
+            if open.is_empty() {
+                break;
+            }
+            let subset: Vec<Problem> = open.iter().map(|&i| problems[i].clone()).collect();
+            for (&i, output) in open.iter().zip(self.ask_at(&subset, kind, offset)?) {
+                votes[i].push(Some(output));
+            }
+        }
+        Ok(votes.iter().map(|v| majority_vote(v).expect("every output is a vote")).collect())
     }
 
     /// Greedy outputs asked at one digit offset. Prompts are sorted by

@@ -82,28 +82,39 @@ fn greedy_decoding_at_a_digit_offset_takes_the_full_pass_argmax_at_that_offset()
 }
 
 #[test]
-fn a_solver_asking_at_several_digit_offsets_answers_with_their_majority() {
+fn a_solver_asking_at_several_digit_offsets_answers_with_their_majority_and_stops_once_it_is_settled() {
     let model = model_with_places(40, true);
     let mut rng = rand_pcg::Pcg64::new(3, 0);
     let problems = sector::task::sample_unique(&mut rng, 4, 30, &std::collections::HashSet::new());
+    // The outputs, and the rows decoded to get them.
     let ask = |digit_offsets: Vec<u32>| {
+        let progress = indicatif::ProgressBar::hidden();
         let solver = Solver {
             model: &model.t5,
             format: SlowFormat::Compact,
             decode_batch: 16,
-            progress: indicatif::ProgressBar::hidden(),
+            progress: progress.clone(),
             collective: &SingleRank,
             digit_offsets,
         };
-        solver.ask(&problems, Kind::Slow).unwrap()
+        (solver.ask(&problems, Kind::Slow).unwrap(), progress.position() as usize)
     };
-    let (at_0, at_1) = (ask(vec![0]), ask(vec![1]));
-    assert_ne!(at_0, at_1, "the offsets change some outputs");
-    assert_eq!(ask(Vec::new()), at_0, "no offsets: the places themselves");
+    let ((at_0, _), (at_1, _)) = (ask(vec![0]), ask(vec![1]));
+    let differ = (0..problems.len()).filter(|&i| at_0[i] != at_1[i]).count();
+    assert!(differ > 0, "the offsets change some outputs");
+    assert_eq!(ask(Vec::new()).0, at_0, "no offsets: the places themselves");
     // Two votes beat one; a tie goes to the first offset.
-    assert_eq!(ask(vec![0, 1, 1]), at_1);
-    assert_eq!(ask(vec![1, 0, 0]), at_0);
-    assert_eq!(ask(vec![1, 0]), at_1);
+    assert_eq!(ask(vec![0, 1, 1]).0, at_1);
+    assert_eq!(ask(vec![1, 0, 0]).0, at_0);
+    assert_eq!(ask(vec![1, 0]).0, at_1);
+    // A problem is asked again only while its majority is open: where the
+    // offsets agree, three votes settle it; where they differ, the fourth
+    // (0, 1, 1, 1: three to one with one left).
+    let (outputs, rows) = ask(vec![0, 1, 1, 1, 0]);
+    assert_eq!(outputs, at_1);
+    assert_eq!(rows, 3 * problems.len() + differ);
+    let (outputs, rows) = ask(vec![0, 0, 0, 1, 1]);
+    assert_eq!((outputs, rows), (at_0, 3 * problems.len()));
 }
 
 #[test]
