@@ -184,8 +184,15 @@ impl RunOptions {
     /// Records the finished run directory when --record was given.
     fn record(&self, run_dir: &std::path::Path) -> anyhow::Result<()> {
         if let Some(dest) = &self.record {
-            let files = record_run(run_dir, dest)?;
-            println!("recorded {} files in {}", files.len(), dest.display());
+            let recorded = record_run(run_dir, dest)?;
+            println!("recorded {} files in {}", recorded.files.len(), dest.display());
+            if !recorded.absent.is_empty() {
+                println!(
+                    "{} datasets and checkpoint files were not on disk (a run carried between machines keeps \
+                     only what resuming needs); run-manifest.sha256 holds their hashes as written",
+                    recorded.absent.len()
+                );
+            }
         }
         Ok(())
     }

@@ -213,13 +213,32 @@ pub fn append_log(dir: &Path, name: &str, line: &str) {
 /// kept beside its recorded results.
 pub const RUN_MANIFEST: &str = "run-manifest.sha256";
 
+/// What `record_run` did.
+pub struct Recorded {
+    /// The files written under `dest`.
+    pub files: Vec<String>,
+    /// Datasets and checkpoints in the run's manifest that were not on disk.
+    pub absent: Vec<String>,
+}
+
 /// Records a finished run under `dest` (e.g. results/cpu/main): its config
 /// and results CSVs, its manifest as `run-manifest.sha256` (the hashes of
 /// the datasets and checkpoints, which stay out of git) and a manifest of
-/// the recorded files. The run is verified first. Returns the files copied.
-pub fn record_run(run_dir: &Path, dest: &Path) -> Result<Vec<String>> {
+/// the recorded files. Every file on disk is verified first. Datasets and
+/// checkpoints may be absent: a run carried between machines
+/// (scripts/carry-run.sh) keeps only what resuming needs, and the others'
+/// hashes are the ones written when they were made.
+pub fn record_run(run_dir: &Path, dest: &Path) -> Result<Recorded> {
     let run_manifest = Manifest::load(run_dir)?;
-    run_manifest.verify(run_dir)?;
+    let mut absent = Vec::new();
+    for name in run_manifest.entries.keys() {
+        let path = run_dir.join(name);
+        if name.contains('/') && !path.exists() {
+            absent.push(name.clone());
+        } else {
+            run_manifest.verify_bytes(run_dir, name, &read(&path)?)?;
+        }
+    }
     std::fs::create_dir_all(dest).map_err(|e| Error::io(dest, e))?;
     let mut recorded = Manifest::default();
     // Top-level files are the config and the results; data/ and checkpoints/ are not copied.
@@ -228,7 +247,7 @@ pub fn record_run(run_dir: &Path, dest: &Path) -> Result<Vec<String>> {
     }
     recorded.write_file(dest, RUN_MANIFEST, &read(&run_dir.join(MANIFEST))?)?;
     recorded.save(dest)?;
-    Ok(recorded.entries.into_keys().collect())
+    Ok(Recorded { files: recorded.entries.into_keys().collect(), absent })
 }
 
 /// Rows of a CSV file with a header (none if the file does not exist).
@@ -278,6 +297,29 @@ mod tests {
         std::fs::write(dir.path().join("a.txt"), b"hellO").unwrap();
         let err = loaded.verify(dir.path()).unwrap_err().to_string();
         assert!(err.contains("a.txt") && err.contains("sha256"), "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn recording_a_run_verifies_what_is_on_disk_and_lists_absent_checkpoints() -> Result<()> {
+        let run = tempfile::tempdir().unwrap();
+        let mut manifest = Manifest::default();
+        for name in ["stages.csv", "data/stage-01.csv", "checkpoints/stage-01/model.safetensors"] {
+            std::fs::create_dir_all(run.path().join(name).parent().unwrap()).unwrap();
+            manifest.write_file(run.path(), name, name.as_bytes())?;
+        }
+        manifest.save(run.path())?;
+        std::fs::remove_file(run.path().join("checkpoints/stage-01/model.safetensors")).unwrap();
+        let dest = tempfile::tempdir().unwrap();
+        let recorded = record_run(run.path(), dest.path())?;
+        assert_eq!(recorded.absent, ["checkpoints/stage-01/model.safetensors"]);
+        assert_eq!(recorded.files, [RUN_MANIFEST, "stages.csv"]);
+        std::fs::write(run.path().join("data/stage-01.csv"), b"changed").unwrap();
+        let err = record_run(run.path(), dest.path()).err().expect("a changed dataset is refused").to_string();
+        assert!(err.contains("stage-01.csv"), "{err}");
+        std::fs::remove_file(run.path().join("stages.csv")).unwrap();
+        std::fs::write(run.path().join("data/stage-01.csv"), b"data/stage-01.csv").unwrap();
+        assert!(record_run(run.path(), dest.path()).is_err(), "a missing result file is refused");
         Ok(())
     }
 
