@@ -483,7 +483,7 @@ impl Experiment {
             return bad("task.rehearsal", format!("is {rehearsal}; it must be 0, or positive with model.pretrain set"));
         }
         if self.scale == "paper" {
-            if let Some(field) = self.cpu_scale_deviations().first() {
+            if let Some((field, _)) = self.cpu_scale_deviations().first() {
                 return bad(
                     field,
                     "is a CPU-scale deviation: paper-scale runs are the paper's method on ByT5 as published, \
@@ -533,22 +533,34 @@ impl Experiment {
         run.max(probe) + 1
     }
 
-    /// The CPU-scale deviations this experiment turns on, by field: each
-    /// gives a small model from random weights what pretrained ByT5 brings
-    /// (REPRODUCE.md), and none may run at paper scale.
-    fn cpu_scale_deviations(&self) -> Vec<&'static str> {
+    /// The CPU-scale deviations this experiment turns on: each field with
+    /// what it does, as tables and figures state it. Each gives a small model
+    /// from random weights what pretrained ByT5 brings (REPRODUCE.md), and
+    /// none may run at paper scale.
+    pub fn cpu_scale_deviations(&self) -> Vec<(&'static str, String)> {
+        let (model, task, st) = (&self.model, &self.task, &self.self_training);
         [
-            ("model.digit_positions", self.model.digit_positions.is_some()),
-            ("model.relative_attention_clip", self.model.relative_attention_clip.is_some()),
-            ("self_training.generated_scale", self.self_training.generated_scale != 1.0),
-            ("self_training.lr", self.self_training.lr.is_some()),
-            ("self_training.column_swaps", self.self_training.column_swaps > 0),
-            ("self_training.mirrored_steps", self.self_training.mirrored_steps),
-            ("self_training.last_column_variants", self.self_training.last_column_variants),
-            ("self_training.offset_vote", self.self_training.offset_vote > 0),
+            ("model.digit_positions", model.digit_positions.map(|_| "digit places".to_string())),
+            (
+                "model.relative_attention_clip",
+                model.relative_attention_clip.map(|k| format!("positions clipped at {k}")),
+            ),
+            ("model.pretrain", model.pretrain.as_ref().map(|_| "string-skill pretraining".to_string())),
+            ("task.slow_format", (task.slow_format == SlowFormat::Compact).then(|| "compact slow format".to_string())),
+            ("task.data_scale", (task.data_scale != 1.0).then(|| format!("data sizes x{}", task.data_scale))),
+            ("task.rehearsal", (task.rehearsal > 0.0).then(|| format!("rehearsal {}", task.rehearsal))),
+            (
+                "self_training.generated_scale",
+                (st.generated_scale != 1.0).then(|| format!("generated x{}", st.generated_scale)),
+            ),
+            ("self_training.lr", st.lr.map(|lr| format!("self-training lr {lr}"))),
+            ("self_training.column_swaps", (st.column_swaps > 0).then(|| format!("{} column swaps", st.column_swaps))),
+            ("self_training.mirrored_steps", st.mirrored_steps.then(|| "mirrored steps".to_string())),
+            ("self_training.last_column_variants", st.last_column_variants.then(|| "last-column variants".to_string())),
+            ("self_training.offset_vote", (st.offset_vote > 0).then(|| format!("offset vote over {}", st.offset_vote))),
         ]
         .into_iter()
-        .filter_map(|(field, on)| on.then_some(field))
+        .filter_map(|(field, what)| Some((field, what?)))
         .collect()
     }
 
@@ -731,6 +743,8 @@ mod tests {
                 "model.digit_positions",
             ),
             ("name = \"x\"\n[self_training]\nlr = 1e-4", "self_training.lr"),
+            ("name = \"x\"\n[task]\nslow_format = \"compact\"", "task.slow_format"),
+            ("name = \"x\"\n[task]\ndata_scale = 0.5", "task.data_scale"),
             ("name = \"x\"\n[self_training]\ncolumn_swaps = 2", "self_training.column_swaps"),
             ("name = \"x\"\n[self_training]\ngenerated_scale = 2.0", "self_training.generated_scale"),
             ("name = \"x\"\n[self_training]\nmirrored_steps = true", "self_training.mirrored_steps"),

@@ -88,11 +88,29 @@ pub enum Panel {
     Text(TextPage),
 }
 
-/// Panels side by side under a caption (the scale label goes here).
+/// Panels side by side under a caption (the scale label goes here) and an
+/// optional second line (the CPU-scale deviations).
 pub struct Figure {
     pub caption: String,
+    pub note: Option<String>,
     pub panels: Vec<Panel>,
     pub size: (u32, u32),
+}
+
+/// `text` broken at spaces into lines of at most `width` characters (a
+/// longer word stands alone).
+fn wrap(text: &str, width: usize) -> Vec<String> {
+    let mut lines: Vec<String> = Vec::new();
+    for word in text.split(' ') {
+        match lines.last_mut() {
+            Some(line) if line.len() + 1 + word.len() <= width => {
+                line.push(' ');
+                line.push_str(word);
+            }
+            _ => lines.push(word.to_string()),
+        }
+    }
+    lines
 }
 
 fn register_fonts() {
@@ -129,7 +147,12 @@ impl Figure {
         DB::ErrorType: 'static,
     {
         root.fill(&WHITE)?;
-        let body = root.titled(&self.caption, ("sans-serif", 16))?;
+        let mut body = root.titled(&self.caption, ("sans-serif", 16))?;
+        // About 7 pixels a character at 13 points: the note wraps to the width.
+        let chars = (root.dim_in_pixel().0 as usize / 7).max(20);
+        for line in self.note.iter().flat_map(|note| wrap(note, chars)) {
+            body = body.titled(&line, ("sans-serif", 13))?;
+        }
         let areas = body.split_evenly((1, self.panels.len().max(1)));
         for (panel, area) in self.panels.iter().zip(&areas) {
             match panel {
@@ -325,4 +348,18 @@ where
         area.draw_text(line, &("monospace", 13).into_text_style(&area), (16, 8 + 18 * i as i32))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::wrap;
+
+    #[test]
+    fn a_note_wraps_at_spaces_to_the_width_and_keeps_every_word() {
+        let note = "CPU-scale deviations (REPRODUCE.md): digit places, positions clipped at 4, compact slow format.";
+        let lines = wrap(note, 40);
+        assert!(lines.iter().all(|line| line.len() <= 40), "{lines:?}");
+        assert_eq!(lines.join(" "), note);
+        assert_eq!(wrap("a-word-longer-than-the-width b", 5), ["a-word-longer-than-the-width", "b"]);
+    }
 }

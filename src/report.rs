@@ -11,6 +11,7 @@
 //! figure is remade in seconds without a model.
 
 use crate::analysis::{CARRIES_CSV, FINAL_CSV, VOTES_CSV};
+use crate::config::Experiment;
 use crate::error::{Error, Result};
 use crate::fewshot::FEWSHOT_CSV;
 use crate::figures::{palette, Bar, Bars, Curve, Figure, Grid, GridRow, Lines, Panel, TextPage};
@@ -131,6 +132,25 @@ impl Paths {
             "cpu" => "CPU scale (small T5 from random init, 2 cores)".into(),
             other => format!("{other} scale (machinery check, not a result)"),
         }
+    }
+
+    /// The CPU-scale deviations the recorded `experiments` ran with, as one
+    /// line for a table's notes or under a figure's caption (None: none).
+    fn deviations(&self, experiments: &[&str]) -> Result<Option<String>> {
+        let mut deviations: Vec<String> = Vec::new();
+        for experiment in experiments {
+            // Few-shot runs ask models out of the box: nothing to deviate.
+            if self.experiment(experiment).join(FEWSHOT_CSV).exists() {
+                continue;
+            }
+            let config = Experiment::load(&self.experiment(experiment).join(crate::files::CONFIG_FILE))?;
+            for (_, what) in config.cpu_scale_deviations() {
+                if !deviations.contains(&what) {
+                    deviations.push(what);
+                }
+            }
+        }
+        Ok((!deviations.is_empty()).then(|| format!("CPU-scale deviations (REPRODUCE.md): {}.", deviations.join(", "))))
     }
 }
 
@@ -316,7 +336,8 @@ struct Table {
 impl Table {
     fn save(&self, paths: &Paths, name: &str) -> Result<Vec<PathBuf>> {
         let mut md = format!("# {}\n\n", self.title);
-        for note in &self.notes {
+        let deviations = paths.deviations(artifact(name)?.experiments)?;
+        for note in self.notes.iter().chain(&deviations) {
             md += &format!("{note}\n");
         }
         md += &format!("\n| {} |\n|{}\n", self.header.join(" | "), "---|".repeat(self.header.len()));
@@ -564,7 +585,9 @@ fn control_table(paths: &Paths) -> Result<Vec<PathBuf>> {
 // Figures.
 
 fn figure(paths: &Paths, name: &str, title: &str, panels: Vec<Panel>, size: (u32, u32)) -> Result<Vec<PathBuf>> {
-    Figure { caption: format!("{name}: {title} -- {}", paths.label()), panels, size }.save(&paths.figures, name)
+    let caption = format!("{name}: {title} -- {}", paths.label());
+    let note = paths.deviations(artifact(name)?.experiments)?;
+    Figure { caption, note, panels, size }.save(&paths.figures, name)
 }
 
 fn generalisation_figure(paths: &Paths) -> Result<Vec<PathBuf>> {
