@@ -81,7 +81,7 @@ bench: build bench-peer  ## sector vs PyTorch + transformers, interleaved per ca
 # experiments (REPRODUCE.md, "The artifacts", says how each was measured).
 
 ARTIFACTS := table1 table2 table3 fig3 fig4 fig5 fig6 fig7 fig8 fig9 fig10 fig11 \
-	ablation-curriculum emergence control
+	ablation-curriculum emergence control ablation-self
 .PHONY: $(ARTIFACTS)
 
 table1 fig3 fig4 fig5 fig6 fig9 fig10: $(RESULTS)/main/manifest.sha256
@@ -90,6 +90,11 @@ table2: $(RESULTS)/table2/manifest.sha256
 ablation-curriculum: $(RESULTS)/main/manifest.sha256 $(RESULTS)/ablation-curriculum/manifest.sha256
 emergence: $(RESULTS)/emergence-1/manifest.sha256 $(RESULTS)/emergence-2/manifest.sha256 $(RESULTS)/emergence-3/manifest.sha256
 control: $(RESULTS)/control/manifest.sha256
+# The self-training ablations; the paper's check alone only where the main
+# run uses stronger ones (a config for it exists at that scale).
+SELF_ABLATIONS := $(patsubst experiments/$(SCALE)/%.toml,$(RESULTS)/%/manifest.sha256,\
+	$(wildcard $(foreach v,no-commutativity fast-labels simplify-only commutativity-only,experiments/$(SCALE)/ablation-$(v).toml)))
+ablation-self: $(RESULTS)/main/manifest.sha256 $(SELF_ABLATIONS)
 
 table1:  ## final checkpoint, fast accuracy by length (main: micro 8 s, cpu 55 min, paper >= 5.8 h on 8 V100)
 table2:  ## models out of the box, 10-shot (micro 0.1 s, cpu 8 min; paper not estimated)
@@ -106,6 +111,7 @@ fig11:  ## examples generated and consumed (second run)
 ablation-curriculum:  ## one supervised stage vs the curriculum (micro 7 s, cpu 34 min, paper >= 0.1 h; + main)
 emergence:  ## supervised length needed per model size (micro 44 s, cpu 105 min, paper >= 4.6 h on 8 V100)
 control:  ## supervised 1..5 then self-training (micro 8 s, cpu 30 min, paper >= 2.9 h on 8 V100)
+ablation-self:  ## self-training without its checks or simplify-then-guess, audited error per stage (+ main)
 
 $(ARTIFACTS): | build
 	$(SECTOR) render $@ --scale $(SCALE)
@@ -129,6 +135,12 @@ $(PRETRAINED): $(RESULTS)/%/manifest.sha256: | build
 	$(RUN_ENV) $(SECTOR) pretrain experiments/$(SCALE)/$*.toml --runs-dir $(RUNS) --device $(DEVICE) --record $(RESULTS)/$*
 
 $(FROM_PRETRAINED): | $(PRETRAINED)
+
+# An ablation takes over the main run's supervised phase from its run
+# directory (supervised.from), so the main run is made (or found) there first.
+$(SELF_ABLATIONS): $(RESULTS)/%/manifest.sha256: | build
+	$(RUN_ENV) $(SECTOR) run experiments/$(SCALE)/main.toml --runs-dir $(RUNS) --device $(DEVICE) --gpus $(GPUS)
+	$(RUN_ENV) $(SECTOR) run experiments/$(SCALE)/$*.toml --runs-dir $(RUNS) --device $(DEVICE) --gpus $(GPUS) --record $(RESULTS)/$*
 
 $(RESULTS)/%/manifest.sha256: | build
 	$(RUN_ENV) $(SECTOR) run experiments/$(SCALE)/$*.toml --runs-dir $(RUNS) --device $(DEVICE) --gpus $(GPUS) --record $(RESULTS)/$*

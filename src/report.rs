@@ -29,7 +29,7 @@ pub struct Artifact {
     pub shows: &'static str,
 }
 
-pub const ARTIFACTS: [Artifact; 15] = [
+pub const ARTIFACTS: [Artifact; 16] = [
     Artifact {
         name: "table1",
         experiments: &["main"],
@@ -89,6 +89,11 @@ pub const ARTIFACTS: [Artifact; 15] = [
         shows: "per model size: supervised length and examples before slow generalises",
     },
     Artifact { name: "control", experiments: &["control"], shows: "control run: supervised 1..5, then self-training" },
+    Artifact {
+        name: "ablation-self",
+        experiments: &["main", "ablation-no-commutativity", "ablation-fast-labels", "ablation-simplify-only"],
+        shows: "self-training ablations from the main run's supervised phase: reach and audited error per stage",
+    },
 ];
 
 pub fn artifact(name: &str) -> Result<&'static Artifact> {
@@ -185,6 +190,7 @@ pub fn render(name: &str, paths: &Paths) -> Result<Vec<PathBuf>> {
         "ablation-curriculum" => curriculum_table(paths),
         "emergence" => emergence_table(paths, artifact),
         "control" => control_table(paths),
+        "ablation-self" => self_training_ablations(paths, artifact),
         _ => unreachable!("every artifact has a renderer"),
     }
 }
@@ -268,6 +274,7 @@ struct Stage {
     script_examples: usize,
     consumed: usize,
     accepted_fast_error: Option<f64>,
+    accepted_slow_error: Option<f64>,
     stop_reason: String,
 }
 
@@ -278,8 +285,8 @@ fn read_stages(dir: &Path) -> Result<Vec<Stage>> {
         (f.usizes("stage")?, f.usizes("digits")?, f.usizes("generated")?, f.usizes("accepted")?);
     let (train, script, consumed) = (f.usizes("train_examples")?, f.usizes("script_examples")?, f.usizes("consumed")?);
     let (phase, passed, stop) = (f.strings("phase")?, f.bools("passed")?, f.strings("stop_reason")?);
-    let (next_fast, next_slow, fast_error) =
-        (f.f64s("next_fast")?, f.f64s("next_slow")?, f.f64s("accepted_fast_error")?);
+    let (next_fast, next_slow) = (f.f64s("next_fast")?, f.f64s("next_slow")?);
+    let (fast_error, slow_error) = (f.f64s("accepted_fast_error")?, f.f64s("accepted_slow_error")?);
     Ok((0..stage.len())
         .map(|i| Stage {
             stage: stage[i],
@@ -294,6 +301,7 @@ fn read_stages(dir: &Path) -> Result<Vec<Stage>> {
             script_examples: script[i],
             consumed: consumed[i],
             accepted_fast_error: fast_error[i],
+            accepted_slow_error: slow_error[i],
             stop_reason: stop[i].clone(),
         })
         .collect())
@@ -579,6 +587,89 @@ fn control_table(paths: &Paths) -> Result<Vec<PathBuf>> {
         rows,
     }
     .save(paths, "control")
+}
+
+/// The paper's check alone, recorded where the main run uses stronger ones
+/// (CPU scale); drawn beside the other ablations when present.
+const COMMUTATIVITY_ONLY: &str = "ablation-commutativity-only";
+
+/// Each self-training ablation beside the main run: the lengths it taught
+/// itself and the audited error of the labels it accepted, stage by stage
+/// (error avalanching, the paper's section 2.2). A table and a figure.
+fn self_training_ablations(paths: &Paths, artifact: &Artifact) -> Result<Vec<PathBuf>> {
+    let mut experiments = artifact.experiments.to_vec();
+    if paths.experiment(COMMUTATIVITY_ONLY).is_dir() {
+        experiments.insert(1, COMMUTATIVITY_ONLY);
+    }
+    let color = |experiment: &str| match experiment {
+        "main" => palette::BLUE,
+        COMMUTATIVITY_ONLY => palette::GREEN,
+        "ablation-no-commutativity" => palette::RED,
+        "ablation-fast-labels" => palette::ORANGE,
+        _ => palette::GREY,
+    };
+    let (mut rows, mut fast_curves, mut slow_curves) = (Vec::new(), Vec::new(), Vec::new());
+    for experiment in experiments {
+        let color = color(experiment);
+        let stages = read_stages(&paths.experiment(experiment))?;
+        let labelled: Vec<&Stage> = stages.iter().filter(|s| !s.supervised && s.generated > 0).collect();
+        let taught: Vec<usize> = labelled.iter().filter(|s| s.passed).map(|s| s.digits).collect();
+        let reach = match (taught.first(), taught.last()) {
+            (Some(first), Some(last)) => format!("{first}..{last} ({} lengths)", taught.len()),
+            _ => "none".into(),
+        };
+        let errors = |error: fn(&Stage) -> Option<f64>| -> Vec<(f64, f64)> {
+            labelled.iter().filter_map(|s| error(s).map(|e| (s.digits as f64, 100.0 * e))).collect()
+        };
+        let (fast, slow) = (errors(|s| s.accepted_fast_error), errors(|s| s.accepted_slow_error));
+        let span = |points: &[(f64, f64)]| match points {
+            [] => "-".to_string(),
+            [.., last] => {
+                let (low, high) = points.iter().fold((f64::MAX, f64::MIN), |(l, h), p| (l.min(p.1), h.max(p.1)));
+                format!("{low:.1}-{high:.1} (last {:.1})", last.1)
+            }
+        };
+        let stop = stages.last().map_or(String::new(), |s| s.stop_reason.clone());
+        rows.push(vec![experiment.to_string(), reach, span(&fast), span(&slow), stop]);
+        fast_curves.push(Curve { label: experiment.to_string(), color, points: fast });
+        slow_curves.push(Curve { label: experiment.to_string(), color, points: slow });
+    }
+    let mut written = Table {
+        title: format!("ablation-self: self-training ablations from the main run's supervised phase ({})", paths.label()),
+        notes: vec![
+            "Each ablation takes over the main run's supervised phase (supervised.from) and self-trains to its end."
+                .into(),
+            "Audited error: the share of a stage's accepted labels that the ground truth says are wrong (analysis only)."
+                .into(),
+            "Paper (section 2.2, figure 5): without simplify-then-guess and the commutativity check errors compound; \
+             it does not run these ablations to their end."
+                .into(),
+        ],
+        header: ["experiment", "self-taught", "audited error % of fast labels", "of slow labels", "stopped"]
+            .map(String::from)
+            .to_vec(),
+        rows,
+    }
+    .save(paths, "ablation-self")?;
+    let panel = |title: &str, series: Vec<Curve>| {
+        let (low, high) = series
+            .iter()
+            .flat_map(|c| c.points.iter().map(|p| p.0))
+            .fold((f64::MAX, f64::MIN), |(l, h), x| (l.min(x), h.max(x)));
+        let (low, high) = if low > high { (1.0, 1.0) } else { (low, high) };
+        let y_max = series.iter().flat_map(|c| c.points.iter().map(|p| p.1)).fold(5.0, f64::max);
+        Panel::Lines(Lines {
+            title: title.into(),
+            x_label: "self-taught length (digits)".into(),
+            y_label: "audited error of accepted labels (%)".into(),
+            x_range: (low - 0.5, high + 0.5),
+            y_range: (0.0, y_max * 1.1),
+            series,
+        })
+    };
+    let panels = vec![panel("fast labels", fast_curves), panel("slow labels", slow_curves)];
+    written.extend(figure(paths, "ablation-self", "error avalanching, by ablation", panels, (1200, 500))?);
+    Ok(written)
 }
 
 // ---------------------------------------------------------------------------

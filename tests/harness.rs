@@ -63,8 +63,9 @@ fn every_artifact_renders_from_the_recorded_micro_results_to_the_recorded_files(
     let out = sector(&["render", "all", "--scale", "micro", "--root", work.path().to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out));
     let written: Vec<&str> = std::str::from_utf8(&out.stdout).unwrap().lines().collect();
-    // 15 artifacts, each a table (md, csv) or a figure (svg, png).
-    assert_eq!(written.len(), 2 * 15, "{written:?}");
+    // 15 artifacts, each a table (md, csv) or a figure (svg, png), and
+    // ablation-self, a table and a figure.
+    assert_eq!(written.len(), 2 * 15 + 4, "{written:?}");
     for file in written {
         let rendered = std::fs::read(file).unwrap();
         let relative = Path::new(file).strip_prefix(work.path()).unwrap();
@@ -84,7 +85,7 @@ fn verify_passes_on_the_recorded_results_and_names_a_tampered_file() {
         .map(|e| e.unwrap().path())
         .filter(|p| p.join("manifest.sha256").exists())
         .collect();
-    assert_eq!(recorded.len(), 9, "the eight micro experiments and the pretraining are recorded: {recorded:?}");
+    assert_eq!(recorded.len(), 12, "the eleven micro experiments and the pretraining are recorded: {recorded:?}");
     let mut args = vec!["verify"];
     args.extend(recorded.iter().map(|p| p.to_str().unwrap()));
     let out = sector(&args);
