@@ -2,9 +2,10 @@
 # Carries an unfinished run directory from one machine to the next (here a
 # run directory does not outlive its session's machine). `pack` keeps what
 # resuming and the final analyses need: the config, results CSVs, manifest,
-# log and provenance, every dataset, and the checkpoints of the last two
-# stages and of the last supervised stage (supervised.from takes that one
-# over); the other checkpoints keep only their hashes in the manifest.
+# log and provenance, every dataset, and the checkpoints of the last stage
+# (resuming starts there), of the last stage that passed its gate (the final
+# analyses read it) and of the last supervised stage (supervised.from takes
+# it over); the other checkpoints keep only their hashes in the manifest.
 # `unpack` restores the directory under a runs directory, and `sector run`
 # then resumes after its last finished stage.
 #
@@ -13,7 +14,7 @@
 set -euo pipefail
 
 usage() {
-  sed -n '11,12p' "$0" >&2
+  sed -n '12,13p' "$0" >&2
   exit 2
 }
 
@@ -23,18 +24,19 @@ pack() {
     echo "carry-run: $run_dir/stages.csv not found: the run has no finished stage to carry" >&2
     exit 1
   fi
-  # The stage of the last supervised row (columns found by name in the header).
-  local last_supervised
-  last_supervised=$(awk -F, 'NR == 1 { for (i = 1; i <= NF; i++) col[$i] = i; next }
-    $col["phase"] == "supervised" { stage = $col["stage"] } END { print stage }' "$run_dir/stages.csv")
-  local checkpoints excludes=()
-  mapfile -t checkpoints < <(find "$run_dir/checkpoints" -mindepth 1 -maxdepth 1 -name 'stage-*' -printf '%f\n' | sort)
-  local count=${#checkpoints[@]} i
-  for ((i = 0; i < count - 2; i++)); do
-    if [[ ${checkpoints[i]} != "$(printf 'stage-%02d' "$last_supervised")" ]]; then
-      excludes+=("--exclude=$(basename "$run_dir")/checkpoints/${checkpoints[i]}")
+  # The stages whose checkpoints are kept (columns found by name in the header).
+  local keep
+  keep=$(awk -F, 'NR == 1 { for (i = 1; i <= NF; i++) col[$i] = i; next }
+    { last = $col["stage"] }
+    $col["passed"] == "true" { passed = $col["stage"] }
+    $col["phase"] == "supervised" { supervised = $col["stage"] }
+    END { printf "stage-%02d stage-%02d stage-%02d", last, passed, supervised }' "$run_dir/stages.csv")
+  local checkpoint excludes=()
+  while IFS= read -r checkpoint; do
+    if [[ " $keep " != *" $checkpoint "* ]]; then
+      excludes+=("--exclude=$(basename "$run_dir")/checkpoints/$checkpoint")
     fi
-  done
+  done < <(find "$run_dir/checkpoints" -mindepth 1 -maxdepth 1 -name 'stage-*' -printf '%f\n' | sort)
   tar -C "$(dirname "$run_dir")" --exclude="$(basename "$run_dir")/.lock" "${excludes[@]}" \
     -cJf "$bundle.partial" "$(basename "$run_dir")"
   mv "$bundle.partial" "$bundle"

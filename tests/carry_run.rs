@@ -1,7 +1,8 @@
 //! scripts/carry-run.sh, which carries an unfinished run directory between
 //! machines: a pack keeps every dataset and result, the checkpoints of the
-//! last two stages and of the last supervised stage, and no lock; an unpack
-//! restores it and refuses to overwrite a run directory.
+//! last stage, of the last that passed its gate and of the last supervised
+//! stage, and no lock; an unpack restores it and refuses to overwrite a run
+//! directory.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -29,13 +30,14 @@ fn files(dir: &Path) -> Vec<String> {
 }
 
 #[test]
-fn a_carried_run_keeps_its_data_and_the_checkpoints_resuming_and_supervised_from_need() {
+fn a_carried_run_keeps_its_data_and_the_checkpoints_resuming_analysis_and_supervised_from_need() {
     let work = tempfile::tempdir().unwrap();
     let run = work.path().join("runs/cpu-main");
-    let mut stages = String::from("stage,phase,digits\n");
+    // Supervised 5, 6; self-taught 7 and 8; the stages for 9 and 10 failed their gates.
+    let mut stages = String::from("stage,phase,digits,passed\n");
     for stage in 1..=6 {
         let phase = if stage <= 2 { "supervised" } else { "self" };
-        stages.push_str(&format!("{stage},{phase},{}\n", stage + 4));
+        stages.push_str(&format!("{stage},{phase},{},{}\n", stage + 4, stage < 5));
         let checkpoint = run.join(format!("checkpoints/stage-{stage:02}"));
         std::fs::create_dir_all(&checkpoint).unwrap();
         std::fs::write(checkpoint.join("model.safetensors"), [stage as u8]).unwrap();
@@ -53,7 +55,7 @@ fn a_carried_run_keeps_its_data_and_the_checkpoints_resuming_and_supervised_from
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
     let mut expected: Vec<String> = (1..=6).map(|s| format!("data/stage-{s:02}.csv")).collect();
-    expected.extend([2, 5, 6].map(|s| format!("checkpoints/stage-{s:02}/model.safetensors")));
+    expected.extend([2, 4, 6].map(|s| format!("checkpoints/stage-{s:02}/model.safetensors")));
     expected.push("stages.csv".into());
     expected.sort();
     assert_eq!(files(&elsewhere.join("cpu-main")), expected);
