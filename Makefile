@@ -51,7 +51,7 @@ check-cuda:  ## compile the CUDA and NCCL builds here (installs CUDA 11.8 and NC
 demo: build  ## the SECToR loop end to end on experiments/micro/main.toml (machinery only: gates at 0)
 	$(SECTOR) run experiments/micro/main.toml --runs-dir $(RUNS)
 
-main: build  ## the main job: rerun the reference experiment of SCALE (cpu: about an hour) into runs/, then check it against the recorded run
+main: build  ## the main job: rerun the reference experiment of SCALE (cpu: several hours at one thread, resumable) into runs/, then check it against the recorded run
 	$(RUN_ENV) $(SECTOR) run experiments/$(SCALE)/main.toml --runs-dir $(RUNS) --device $(DEVICE) --gpus $(GPUS)
 	$(SECTOR) verify $(RUNS)/$(SCALE)-main --against $(RESULTS)/main/run-manifest.sha256 || \
 	  (echo "The rerun differs from the recording: see the lines above (REPRODUCE.md, 'Hashes and sector verify')."; exit 1)
