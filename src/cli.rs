@@ -149,6 +149,31 @@ enum Command {
         /// Experiment configs, e.g. experiments/paper/*.toml.
         configs: Vec<PathBuf>,
     },
+    /// Paper-scale models from seeded random weights on the CPU: a few
+    /// optimiser steps of the config's first supervised stage at a small
+    /// batch, greedy decoding, a checkpoint saved, reloaded and compared.
+    Smoke {
+        /// The paper config whose first stage is trained, e.g. experiments/paper/main.toml.
+        config: PathBuf,
+        /// Model presets (repeatable).
+        #[arg(long = "preset", default_values_t = ["byt5-small".to_string(), "byt5-base".to_string()])]
+        presets: Vec<String>,
+        /// Optimiser steps per model.
+        #[arg(long, default_value_t = 3)]
+        steps: usize,
+        /// Examples per optimiser step.
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        /// Where each checkpoint is written (and removed after the check).
+        #[arg(long, default_value = "runs/smoke")]
+        out: PathBuf,
+        /// Override the config's device (cpu, cuda or cuda:N); CUDA trains in bf16.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Override the config's learning rate (the paper's: 1e-4).
+        #[arg(long)]
+        lr: Option<f64>,
+    },
     /// Measure training and decoding throughput against the machine's f32 matmul rate.
     Bench {
         /// Timed repetitions per case (the median is reported).
@@ -223,6 +248,8 @@ pub fn run() -> anyhow::Result<()> {
             let mut experiment = Experiment::load(&config)?;
             if let Some(device) = &output.device {
                 experiment.model.device = device.clone();
+                // model.dtype, when given, must suit the new device.
+                experiment.model.check(&config)?;
             }
             let run_dir = output.runs_dir.join(&experiment.name);
             let collective: Arc<dyn Collective> = match (gpus, rank, nccl_id) {
@@ -371,6 +398,23 @@ pub fn run() -> anyhow::Result<()> {
                 costs.push(crate::cost::cost(&experiment, &cfg, &model));
             }
             print!("{}", crate::cost::table(&costs));
+        }
+        Command::Smoke { config, presets, steps, batch, out, device, lr } => {
+            let mut experiment = Experiment::load(&config)?;
+            experiment.model.device = device;
+            experiment.model.check(&config)?;
+            if let Some(lr) = lr {
+                experiment.train.lr = lr;
+            }
+            if let Some(unknown) = presets.iter().find(|p| crate::model::T5Config::preset(p).is_none()) {
+                anyhow::bail!("--preset {unknown}: not a preset; use byt5-small or byt5-base");
+            }
+            let mut reports = Vec::new();
+            for preset in &presets {
+                eprintln!("smoke: {preset}, {steps} steps of {batch} examples ...");
+                reports.push(crate::smoke::smoke(&experiment, preset, steps, batch, &out)?);
+            }
+            print!("{}", crate::smoke::table(&reports));
         }
         Command::Bench { reps, rounds, filter, peer } => crate::bench::run(reps, rounds, &filter, peer.as_deref())?,
     }

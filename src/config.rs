@@ -53,6 +53,10 @@ pub struct ModelSettings {
     pub pretrain: Option<String>,
     /// cpu, cuda or cuda:N.
     pub device: String,
+    /// "f32" or "bf16": a statement of what the run computes in, checked
+    /// against the device (f32 on the CPU, bf16 on CUDA; `model::compute_dtype`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dtype: Option<String>,
     pub d_model: Option<usize>,
     pub d_ff: Option<usize>,
     pub num_heads: Option<usize>,
@@ -83,6 +87,7 @@ impl Default for ModelSettings {
             weights: Some("google/byt5-base".into()),
             pretrain: None,
             device: "cuda".into(),
+            dtype: None,
             d_model: None,
             d_ff: None,
             num_heads: None,
@@ -115,6 +120,31 @@ impl ModelSettings {
                  weights, or a pretraining config)"
                     .into(),
             );
+        }
+        if let Some(dtype) = &self.dtype {
+            let on_cuda = self.device.starts_with("cuda");
+            match (dtype.as_str(), on_cuda) {
+                ("f32", false) | ("bf16", true) => {}
+                ("bf16", false) => {
+                    return bad(
+                        "model.dtype",
+                        "is bf16, but on the CPU sector computes in f32: its portable kernels, which give the same \
+                         bits on every x86-64 CPU with AVX2 and FMA, are f32 only (candle's CPU bf16 is used only \
+                         by tests). Remove the field to train in f32, or set model.device = \"cuda\" to train in \
+                         bf16 as the paper did"
+                            .into(),
+                    )
+                }
+                ("f32", true) => {
+                    return bad(
+                        "model.dtype",
+                        "is f32, but on CUDA sector computes in bf16 (the paper's choice, with f32 Adam moments and \
+                         master weights): remove the field, or set model.device = \"cpu\" to train in f32"
+                            .into(),
+                    )
+                }
+                (other, _) => return bad("model.dtype", format!("is {other:?}: use \"f32\" or \"bf16\"")),
+            }
         }
         match &self.preset {
             Some(preset) if T5Config::preset(preset).is_none() => bad(
@@ -680,6 +710,26 @@ mod tests {
         assert_eq!((e.supervised.fast_gate, e.supervised.slow_gate, e.supervised.gate_size), (0.75, 1.0, 128));
         assert_eq!((e.self_training.k, e.self_training.fast_labels), (5, LabelMethod::SimplifyThenGuess));
         assert_eq!(parse(&e.to_toml()).unwrap(), e, "canonical form round-trips");
+    }
+
+    #[test]
+    fn a_dtype_is_checked_against_the_device_never_run_as_another() {
+        let with = |device: &str, dtype: &str| {
+            parse(&format!(
+                "name = \"x\"\n[model]\nweights = \"google/byt5-base\"\ndevice = \"{device}\"\ndtype = \"{dtype}\""
+            ))
+        };
+        assert_eq!(with("cpu", "f32").unwrap().model.dtype.as_deref(), Some("f32"));
+        assert!(with("cuda:1", "bf16").is_ok());
+        for (device, dtype, says) in [
+            ("cpu", "bf16", "on the CPU sector computes in f32"),
+            ("cuda", "f32", "on CUDA sector computes in bf16"),
+            ("cpu", "fp16", "use \"f32\" or \"bf16\""),
+        ] {
+            let error = with(device, dtype).unwrap_err().to_string();
+            assert!(error.contains("field `model.dtype`") && error.contains(says), "{device} {dtype}: {error}");
+            assert!(error.contains("experiments/x.toml"), "{error}");
+        }
     }
 
     #[test]

@@ -56,7 +56,7 @@ impl Cost {
 }
 
 /// Weights met per token: (input side, target side).
-fn weights_per_token(cfg: &T5Config) -> (f64, f64) {
+pub fn weights_per_token(cfg: &T5Config) -> (f64, f64) {
     let (d, ff, inner) = (cfg.d_model as f64, cfg.d_ff as f64, (cfg.num_heads * cfg.d_kv) as f64);
     let (enc, dec) = (cfg.num_layers as f64, cfg.decoder_layers() as f64);
     // Encoder layer: q, k, v, o and the gated feed-forward; each decoder

@@ -41,8 +41,14 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     format!("{:x}", Sha256::digest(bytes))
 }
 
+/// The sha256 of a file, read in pieces (checkpoints of the paper's models
+/// are several GB).
 pub fn sha256_file(path: &Path) -> Result<String> {
-    Ok(sha256_hex(&read(path)?))
+    let mut hasher = Sha256::new();
+    std::fs::File::open(path)
+        .and_then(|mut file| std::io::copy(&mut file, &mut hasher))
+        .map_err(|e| Error::io(path, e))?;
+    Ok(format!("{:x}", hasher.finalize()))
 }
 
 /// The sha256 of each file of a directory, by path relative to it.
@@ -56,6 +62,12 @@ impl Manifest {
     pub fn write_file(&mut self, dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
         write_atomic(&dir.join(name), bytes)?;
         self.entries.insert(name.to_string(), sha256_hex(bytes));
+        Ok(())
+    }
+
+    /// Records the hash of `dir/name`, a file written atomically by other code.
+    pub fn add_file(&mut self, dir: &Path, name: &str) -> Result<()> {
+        self.entries.insert(name.to_string(), sha256_file(&dir.join(name))?);
         Ok(())
     }
 
@@ -110,7 +122,7 @@ impl Manifest {
     /// is an error that names it.
     pub fn verify(&self, dir: &Path) -> Result<()> {
         for name in self.entries.keys() {
-            self.verify_bytes(dir, name, &read(&dir.join(name))?)?;
+            self.verify_file(dir, name)?;
         }
         Ok(())
     }
@@ -126,9 +138,9 @@ impl Manifest {
         self.entries
             .keys()
             .filter_map(|name| {
-                let problem = match read(&dir.join(name)) {
+                let problem = match sha256_file(&dir.join(name)) {
                     Err(e) => Some(format!("missing: {e}")),
-                    Ok(bytes) => self.verify_bytes(dir, name, &bytes).err().map(|e| format!("changed: {e}")),
+                    Ok(actual) => self.check(dir, name, actual).err().map(|e| format!("changed: {e}")),
                 };
                 Some((name.clone(), problem?))
             })
@@ -137,11 +149,19 @@ impl Manifest {
 
     /// Checks bytes already read from `dir/name` against the manifest.
     pub fn verify_bytes(&self, dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
+        self.check(dir, name, sha256_hex(bytes))
+    }
+
+    /// Checks the file `dir/name` against the manifest, reading it in pieces.
+    pub fn verify_file(&self, dir: &Path, name: &str) -> Result<()> {
+        self.check(dir, name, sha256_file(&dir.join(name))?)
+    }
+
+    fn check(&self, dir: &Path, name: &str, actual: String) -> Result<()> {
         let path = dir.join(name);
         let Some(expected) = self.entries.get(name) else {
             return Err(Error::format(dir.join(MANIFEST), format!("does not list {name}")));
         };
-        let actual = sha256_hex(bytes);
         if &actual != expected {
             return Err(Error::HashMismatch { path, manifest: dir.join(MANIFEST), expected: expected.clone(), actual });
         }

@@ -25,6 +25,7 @@
 //! - `files`: atomic writes, sha256 manifests, recording a run's results;
 //! - `provenance`: the machine, kernels and build behind a run, and when bytes compare;
 //! - `bench`: throughput of the training and decoding kernels;
+//! - `smoke`: the paper-scale models trained, decoded, saved and reloaded on the CPU;
 //! - `cli`: the `sector` command line.
 
 pub mod analysis;
@@ -49,6 +50,7 @@ pub mod probe;
 pub mod provenance;
 pub mod report;
 pub mod sector;
+pub mod smoke;
 pub mod task;
 pub mod tokenizer;
 pub mod train;

@@ -166,7 +166,7 @@ pub struct DataRow {
 }
 
 impl DataRow {
-    fn example(&self) -> Example {
+    pub(crate) fn example(&self) -> Example {
         (encode(&self.input), encode(&self.target))
     }
 }
@@ -246,10 +246,89 @@ fn method_name(method: LabelMethod) -> &'static str {
 }
 
 /// A gate example: the problem, how it is asked, and the answer expected.
-struct GateExample {
-    problem: Problem,
-    kind: Kind,
-    target: String,
+pub(crate) struct GateExample {
+    pub problem: Problem,
+    pub kind: Kind,
+    pub target: String,
+}
+
+/// Script (ground-truth) rows for `count` problems of `length` digits,
+/// duplicated up to a third of `count` when fewer unique problems exist.
+fn script_rows(
+    e: &Experiment,
+    oracle: &dyn Oracle,
+    rng: &mut Pcg64,
+    (length, kind, count): (usize, Kind, usize),
+    exclude: &HashSet<Problem>,
+) -> Vec<DataRow> {
+    let problems = sample_unique(rng, length, count, exclude);
+    let minimum = count.div_ceil(3);
+    let copies = if problems.is_empty() { 0 } else { minimum.div_ceil(problems.len()).max(1) };
+    let rows: Vec<DataRow> = problems
+        .iter()
+        .map(|p| DataRow {
+            input: p.prompt(kind),
+            target: oracle.target(p, kind, e.task.slow_format),
+            digits: length,
+            kind,
+            origin: Origin::Script,
+            method: "script".into(),
+            accepted: true,
+            audited_correct: true,
+            split: Split::Train,
+        })
+        .collect();
+    let mut all = Vec::with_capacity(rows.len() * copies);
+    for _ in 0..copies {
+        all.extend(rows.iter().cloned());
+    }
+    all
+}
+
+/// One of a stage's independent random streams, by the experiment's seed.
+fn stage_rng(seed: u64, slot: usize, stream: u128) -> Pcg64 {
+    Pcg64::new(((seed as u128) << 64) | slot as u128, stream)
+}
+
+/// The data of supervised stage `stage` on 1..=n (PROTOCOL.md section 5):
+/// its gate (held-out fast and slow problems of n digits) and its training
+/// rows (fast for every length, slow from 2 digits, more of the newest
+/// length), which avoid the gate's problems. `sector smoke` trains on them too.
+pub(crate) fn supervised_data(
+    e: &Experiment,
+    oracle: &dyn Oracle,
+    stage: usize,
+    n: usize,
+) -> (Vec<GateExample>, Vec<DataRow>) {
+    let format = e.task.slow_format;
+    let gate_size = e.supervised.gate_size;
+    // Held-out problems first, so that the training data avoids them.
+    let mut rng = stage_rng(e.seed, stage, streams::GATE);
+    let gate_fast = sample_unique(&mut rng, n, gate_size, &HashSet::new());
+    let gate_slow = sample_unique(&mut rng, n, gate_size, &gate_fast.iter().cloned().collect());
+    let held_out: HashSet<Problem> = gate_fast.iter().chain(&gate_slow).cloned().collect();
+    let gate: Vec<GateExample> = [(Kind::Fast, &gate_fast), (Kind::Slow, &gate_slow)]
+        .into_iter()
+        .flat_map(|(kind, problems)| {
+            problems.iter().map(move |p| GateExample {
+                problem: p.clone(),
+                kind,
+                target: oracle.target(p, kind, format),
+            })
+        })
+        .collect();
+
+    let mut rng = stage_rng(e.seed, stage, streams::DATA);
+    let mut data = Vec::new();
+    for length in 1..=n {
+        let fast = e.scaled(if length == n { FAST_NEW } else { FAST_OLD });
+        data.extend(script_rows(e, oracle, &mut rng, (length, Kind::Fast, fast), &held_out));
+        if length >= 2 {
+            let slow = e.scaled(if length == n { SLOW_NEW } else { SLOW_OLD });
+            data.extend(script_rows(e, oracle, &mut rng, (length, Kind::Slow, slow), &held_out));
+        }
+    }
+    (gate, data)
 }
 
 pub struct Run<'a> {
@@ -536,7 +615,7 @@ impl<'a> Run<'a> {
     }
 
     fn rng(&self, slot: usize, stream: u128) -> Pcg64 {
-        Pcg64::new(((self.experiment.seed as u128) << 64) | slot as u128, stream)
+        stage_rng(self.experiment.seed, slot, stream)
     }
 
     /// Asks the trainer's model; a spinner labelled `task` counts decoded rows.
@@ -577,41 +656,6 @@ impl<'a> Run<'a> {
     /// The digits of the last supervised stage: ground truth is used up to here.
     fn supervised_cap(&self) -> usize {
         self.records.iter().filter(|r| r.phase == Phase::Supervised).map(|r| r.digits).max().unwrap_or(0)
-    }
-
-    /// Script (ground-truth) rows for `count` problems of `length` digits,
-    /// duplicated up to a third of `count` when fewer unique problems exist.
-    fn script_rows(
-        &self,
-        rng: &mut Pcg64,
-        length: usize,
-        kind: Kind,
-        count: usize,
-        exclude: &HashSet<Problem>,
-    ) -> Vec<DataRow> {
-        let problems = sample_unique(rng, length, count, exclude);
-        let minimum = count.div_ceil(3);
-        let copies = if problems.is_empty() { 0 } else { minimum.div_ceil(problems.len()).max(1) };
-        let format = self.experiment.task.slow_format;
-        let rows: Vec<DataRow> = problems
-            .iter()
-            .map(|p| DataRow {
-                input: p.prompt(kind),
-                target: self.oracle.target(p, kind, format),
-                digits: length,
-                kind,
-                origin: Origin::Script,
-                method: "script".into(),
-                accepted: true,
-                audited_correct: true,
-                split: Split::Train,
-            })
-            .collect();
-        let mut all = Vec::with_capacity(rows.len() * copies);
-        for _ in 0..copies {
-            all.extend(rows.iter().cloned());
-        }
-        all
     }
 
     /// Trains epoch by epoch until the gate passes or `max_epochs` is
@@ -723,32 +767,7 @@ impl<'a> Run<'a> {
         let e = &self.experiment;
         let format = e.task.slow_format;
         let gate_size = e.supervised.gate_size;
-        // Held-out problems first, so that the training data avoids them.
-        let mut rng = self.rng(stage, streams::GATE);
-        let gate_fast = sample_unique(&mut rng, n, gate_size, &HashSet::new());
-        let gate_slow = sample_unique(&mut rng, n, gate_size, &gate_fast.iter().cloned().collect());
-        let held_out: HashSet<Problem> = gate_fast.iter().chain(&gate_slow).cloned().collect();
-        let gate: Vec<GateExample> = [(Kind::Fast, &gate_fast), (Kind::Slow, &gate_slow)]
-            .into_iter()
-            .flat_map(|(kind, problems)| {
-                problems.iter().map(move |p| GateExample {
-                    problem: p.clone(),
-                    kind,
-                    target: self.oracle.target(p, kind, format),
-                })
-            })
-            .collect();
-
-        let mut rng = self.rng(stage, streams::DATA);
-        let mut data = Vec::new();
-        for length in 1..=n {
-            let fast = e.scaled(if length == n { FAST_NEW } else { FAST_OLD });
-            data.extend(self.script_rows(&mut rng, length, Kind::Fast, fast, &held_out));
-            if length >= 2 {
-                let slow = e.scaled(if length == n { SLOW_NEW } else { SLOW_OLD });
-                data.extend(self.script_rows(&mut rng, length, Kind::Slow, slow, &held_out));
-            }
-        }
+        let (gate, mut data) = supervised_data(e, self.oracle, stage, n);
         let train: Vec<Example> = data.iter().map(DataRow::example).collect();
         data.extend(gate.iter().map(|g| DataRow {
             input: g.problem.prompt(g.kind),
@@ -1117,9 +1136,9 @@ impl<'a> Run<'a> {
         let mut rng = self.rng(stage, streams::REPLAY);
         let mut rows = Vec::new();
         for length in 1..=cap {
-            rows.extend(self.script_rows(&mut rng, length, Kind::Fast, fast, &HashSet::new()));
+            rows.extend(script_rows(e, self.oracle, &mut rng, (length, Kind::Fast, fast), &HashSet::new()));
             if length >= 2 {
-                rows.extend(self.script_rows(&mut rng, length, Kind::Slow, slow, &HashSet::new()));
+                rows.extend(script_rows(e, self.oracle, &mut rng, (length, Kind::Slow, slow), &HashSet::new()));
             }
         }
         let earlier = self.records.iter().filter(|r| r.phase == Phase::SelfTraining && r.digits < m && r.digits > cap);

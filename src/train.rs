@@ -18,7 +18,7 @@ use rand::seq::SliceRandom;
 use rand::Rng;
 use rand_pcg::Pcg64;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -355,9 +355,7 @@ impl Trainer {
                 moments.push((format!("master.{name}"), master.clone()));
             }
         }
-        let path = partial.join(OPTIMIZER_FILE);
-        let bytes = crate::weights::serialize_tensors(moments.iter().map(|(n, t)| (n, t)), &path)?;
-        manifest.write_file(&partial, OPTIMIZER_FILE, &bytes)?;
+        crate::weights::write_tensors(moments.iter().map(|(n, t)| (n, t)), &partial, OPTIMIZER_FILE, &mut manifest)?;
 
         let state = TrainerState {
             config: self.config.clone(),
@@ -383,10 +381,17 @@ impl Trainer {
             manifest.verify_bytes(dir, name, &bytes)?;
             Ok(bytes)
         };
+        // The tensor files are hashed in pieces, then mapped, not read whole.
+        let tensors_checked = |name: &str, device: &Device| -> Result<HashMap<String, Tensor>> {
+            manifest.verify_file(dir, name)?;
+            let path = dir.join(name);
+            candle_core::safetensors::load(&path, device)
+                .map_err(|e| Error::format(&path, format!("cannot read tensors: {e}")))
+        };
         let config_path = dir.join(crate::weights::CONFIG_FILE);
         read_checked(crate::weights::CONFIG_FILE)?;
         let model_cfg = crate::weights::read_config(&config_path)?;
-        let weights = candle_core::safetensors::load_buffer(&read_checked(WEIGHTS_FILE)?, &Device::Cpu)?;
+        let weights = tensors_checked(WEIGHTS_FILE, &Device::Cpu)?;
         let dtype = crate::model::compute_dtype(device);
         let model = Model::from_tensors(&model_cfg, weights, &dir.join(WEIGHTS_FILE), device, dtype)?;
 
@@ -400,7 +405,7 @@ impl Trainer {
         trainer.dropout_rng = state.dropout_rng;
 
         let optimizer_path = dir.join(OPTIMIZER_FILE);
-        let mut moments = candle_core::safetensors::load_buffer(&read_checked(OPTIMIZER_FILE)?, device)?;
+        let mut moments = tensors_checked(OPTIMIZER_FILE, device)?;
         for (name, (m, v, master)) in trainer.adam.state.iter_mut() {
             let mut take = |prefix: &str| {
                 moments
@@ -449,6 +454,39 @@ mod tests {
         assert!((master - 0.99).abs() < 1e-5, "master {master}");
         let value = var.as_tensor().to_dtype(DType::F32)?.to_vec1::<f32>()?[0];
         assert!(value < 1.0 && (value - 0.99).abs() < 4e-3, "bf16 value {value}");
+        Ok(())
+    }
+
+    #[test]
+    fn bf16_training_keeps_f32_moments_and_master_weights_and_does_not_scale_the_loss() -> Result<()> {
+        // What CUDA trains with (REPRODUCE.md, "Adam" and "Paper scale on
+        // GPUs"): bf16 weights; f32 moments and master weights; no loss
+        // scaling, since bf16 has f32's exponent range: the gradient is that
+        // of the mean loss itself, as an f32 model's is.
+        let cfg = crate::model::T5Config::preset("cpu-tiny").expect("a preset");
+        let f32_model = Model::random(&cfg, 3, &Device::Cpu, DType::F32)?;
+        let tensors = f32_model.vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+        let bf16_model = Model::from_tensors(&cfg, tensors, Path::new("memory"), &Device::Cpu, DType::BF16)?;
+        let batch: Vec<Example> = (0..4).map(|i| (vec![10 + i, 20, 1], vec![30 + i, 40, 1])).collect();
+        let batch: Vec<&Example> = batch.iter().collect();
+        let mut norms = Vec::new();
+        for model in [f32_model, bf16_model] {
+            let dtype = model.t5.dtype();
+            let mut trainer = Trainer::new(model, TrainConfig::default())?;
+            for (name, (m, v, master)) in &trainer.adam.state {
+                assert_eq!((m.dtype(), v.dtype()), (DType::F32, DType::F32), "{name}: moments are f32");
+                let want = (dtype == DType::BF16).then_some(DType::F32);
+                assert_eq!(master.as_ref().map(Tensor::dtype), want, "{name}: an f32 master copy only for bf16");
+            }
+            let (_, grads) = trainer.gradients(&batch)?;
+            let squares: f32 = grads
+                .values()
+                .map(|g| g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>())
+                .sum::<candle_core::Result<f32>>()?;
+            norms.push(squares.sqrt());
+        }
+        let ratio = norms[1] / norms[0];
+        assert!((0.95..1.05).contains(&ratio), "bf16 / f32 gradient norm {ratio}: a scaled loss would be far off");
         Ok(())
     }
 

@@ -54,8 +54,7 @@ impl Model {
         if dir.join(crate::files::MANIFEST).is_file() {
             let manifest = Manifest::load(dir)?;
             for file in [&files.config, &files.weights] {
-                let name = file.file_name().expect("a file").to_string_lossy();
-                manifest.verify_bytes(dir, &name, &crate::files::read(file)?)?;
+                manifest.verify_file(dir, &file.file_name().expect("a file").to_string_lossy())?;
             }
         }
         let cfg = read_config(&files.config)?;
@@ -119,19 +118,29 @@ impl Model {
         }
         let config = serde_json::to_vec_pretty(&config).expect("config serialises");
         manifest.write_file(dir, CONFIG_FILE, &config)?;
-        manifest.write_file(
-            dir,
-            WEIGHTS_FILE,
-            &serialize_tensors(self.vars.iter().map(|(n, v)| (n, v.as_tensor())), &dir.join(WEIGHTS_FILE))?,
-        )
+        write_tensors(self.vars.iter().map(|(n, v)| (n, v.as_tensor())), dir, WEIGHTS_FILE, manifest)
     }
 }
 
-/// safetensors bytes of named tensors, with the metadata transformers requires.
-pub fn serialize_tensors<'a>(tensors: impl Iterator<Item = (&'a String, &'a Tensor)>, path: &Path) -> Result<Vec<u8>> {
+/// Writes named tensors to `dir/name` as safetensors, with the metadata
+/// transformers requires, and records the file's hash. Tensor by tensor into
+/// a temporary file that is synced and renamed into place: a checkpoint of
+/// byt5-base is 7 GB, which a whole-file buffer would hold a second time.
+pub fn write_tensors<'a>(
+    tensors: impl Iterator<Item = (&'a String, &'a Tensor)>,
+    dir: &Path,
+    name: &str,
+    manifest: &mut Manifest,
+) -> Result<()> {
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
     let tensors: Vec<(&String, Tensor)> = tensors.map(|(n, t)| Ok((n, t.contiguous()?))).collect::<Result<_>>()?;
-    safetensors::serialize(tensors, Some(metadata)).map_err(|e| Error::format(path, format!("cannot serialise: {e}")))
+    let path = dir.join(name);
+    let tmp = dir.join(format!("{name}.tmp"));
+    safetensors::serialize_to_file(tensors, Some(metadata), &tmp)
+        .map_err(|e| Error::format(&path, format!("cannot serialise: {e}")))?;
+    std::fs::File::open(&tmp).and_then(|file| file.sync_all()).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+    manifest.add_file(dir, name)
 }
 
 /// Reads a safetensors file, or a PyTorch pickle (`.bin`), onto the CPU.

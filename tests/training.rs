@@ -148,3 +148,25 @@ fn bf16_training_lowers_the_loss() {
     assert!(last < first, "bf16 training lowers the loss: {first} -> {last}");
     assert!(trainer.model.vars.values().all(|v| v.dtype() == DType::BF16));
 }
+
+#[test]
+fn the_paper_smoke_test_trains_decodes_and_round_trips_a_checkpoint() {
+    // `make smoke-paper` at a tiny size: the paper config's first supervised
+    // stage, a few steps, greedy decoding, and a checkpoint that reloads to
+    // the same logits and is removed afterwards.
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/paper/main.toml");
+    let mut experiment = sector::config::Experiment::load(&config).unwrap();
+    experiment.model.device = "cpu".into();
+    let dir = tempfile::tempdir().unwrap();
+    let report = sector::smoke::smoke(&experiment, "cpu-tiny", 3, 8, dir.path()).unwrap();
+    assert_eq!(report.params, T5Config::preset("cpu-tiny").unwrap().num_params());
+    assert_eq!(report.steps, 3);
+    let (before, after) = report.first_batch_loss;
+    assert!(after < before, "three Adam steps lower the first batch's loss: {before} -> {after}");
+    assert_eq!(report.logits_max_diff, 0.0, "a reloaded checkpoint gives the same logits");
+    assert_eq!(report.outputs.len(), report.prompts.len());
+    assert!(report.prompts.iter().all(|p| p.starts_with("Add ")), "{:?}", report.prompts);
+    assert!(report.checkpoint_bytes > 0);
+    assert!(!dir.path().join("cpu-tiny").exists(), "the checkpoint is removed after the check");
+    assert!(sector::smoke::table(&[report]).contains("| cpu-tiny |"));
+}

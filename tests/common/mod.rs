@@ -1,7 +1,7 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use sector::train::Example;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -28,9 +28,34 @@ pub fn unpadded_rows(t: &Tensor, pad: i64) -> Vec<Vec<u32>> {
         .collect()
 }
 
+/// Largest |a - b|, compared in f32 on the CPU whatever the tensors' device and dtype.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    let cpu_f32 = |t: &Tensor| t.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
+    (cpu_f32(a) - cpu_f32(b)).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
 }
+
+/// The device the golden tests run the model on: `SECTOR_TEST_DEVICE`
+/// (cpu, cuda or cuda:N; cpu when unset), in that device's compute dtype
+/// (bf16 on CUDA). scripts/gpu-check.sh sets it to cuda.
+pub fn test_device() -> Device {
+    let name = std::env::var("SECTOR_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+    sector::model::select_device(&name).expect("SECTOR_TEST_DEVICE names a device this build can use")
+}
+
+/// Largest |logit difference| allowed against an f32 reference (the
+/// fixture's logits reach about 20). f32 sums in another order: measured
+/// below 1e-5. bf16 keeps 8 bits of mantissa, each rounding moves a logit
+/// near 20 by up to 0.08, and the layers add up: measured 0.43 on the CPU's
+/// bf16 (bf16_logits_stay_within_the_bf16_tolerance), so 1.0, 5 % of the
+/// logits' range: a wrong kernel moves them by several units.
+pub fn logit_tolerance(dtype: DType) -> f32 {
+    match dtype {
+        DType::F32 => 1e-4,
+        _ => BF16_LOGIT_TOLERANCE,
+    }
+}
+
+pub const BF16_LOGIT_TOLERANCE: f32 = 1.0;
 
 /// Copy task: a string of 1 to `max_digits` digits, and the same string as
 /// the target.
