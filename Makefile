@@ -28,7 +28,7 @@ RESULTS := results/$(SCALE)
 THREADS_cpu := 1
 RUN_ENV := $(if $(THREADS_$(SCALE)),RAYON_NUM_THREADS=$(THREADS_$(SCALE)))
 
-.PHONY: help build test lint bench bench-peer demo main run all verify check-cuda cost smoke-paper
+.PHONY: help build test lint bench bench-peer compare-transformers demo main run all verify check-cuda cost smoke-paper
 
 help:  ## list the targets (an artifact renders in under a second; the times are of its experiment, run only if unrecorded: micro and cpu measured here, paper the floor `make cost` estimates)
 	@grep -E '^[a-z0-9 -]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 22
@@ -74,6 +74,10 @@ $(PEER_STAMP): benches/requirements.txt
 	python3 -m venv benches/.venv
 	$(PEER_PYTHON) -m pip install --quiet -r benches/requirements.txt
 	touch $@
+
+compare-transformers: bench-peer  ## sector against transformers on a random byt5-small it saved (encoder output, logits, greedy outputs; REPRODUCE.md); 2.4 GB in runs/, about 5 minutes
+	$(PEER_PYTHON) tests/fixtures/make_t5_fixture.py --shape byt5-small $(RUNS)/byt5-small-golden
+	SECTOR_GOLDEN_DIR=$(RUNS)/byt5-small-golden $(CARGO) test --release --test golden -- --nocapture --test-threads 1
 
 bench: build bench-peer  ## sector vs PyTorch + transformers, interleaved per case (results/bench-cpu.md); about 20 minutes
 	$(SECTOR) bench --peer "$(PEER_PYTHON) benches/peer.py" | tee results/bench-cpu.md
