@@ -124,13 +124,10 @@ pub fn smoke(experiment: &Experiment, preset: &str, steps: usize, batch: usize, 
     let after = logits(&reloaded, &probe)?;
     let save_reload_seconds = start.elapsed().as_secs_f64();
     let peak_save_reload_bytes = peak_memory();
-    let logits_max_diff = (before.to_dtype(DType::F32)? - after.to_dtype(DType::F32)?)?
-        .abs()?
-        .flatten_all()?
-        .max(0)?
-        .to_scalar::<f32>()?;
+    let logits_max_diff =
+        (before.to_dtype(DType::F32)? - after.to_dtype(DType::F32)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
     drop(reloaded);
-    std::fs::remove_dir_all(&checkpoint).map_err(|e| Error::Io { path: checkpoint.clone(), source: e })?;
+    std::fs::remove_dir_all(&checkpoint).map_err(|e| Error::io(&checkpoint, e))?;
 
     Ok(SmokeReport {
         preset: preset.into(),
@@ -178,7 +175,7 @@ fn logits(trainer: &Trainer, examples: &[&Example]) -> Result<Tensor> {
 }
 
 fn dir_bytes(dir: &Path) -> Result<u64> {
-    let io = |e| Error::Io { path: dir.to_path_buf(), source: e };
+    let io = |e| Error::io(dir, e);
     let mut total = 0;
     for entry in std::fs::read_dir(dir).map_err(io)? {
         total += entry.map_err(io)?.metadata().map_err(io)?.len();
