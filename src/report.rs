@@ -198,12 +198,15 @@ pub fn render(name: &str, paths: &Paths) -> Result<Vec<PathBuf>> {
 // ---------------------------------------------------------------------------
 // Reading recorded CSVs.
 
-/// A recorded CSV as a data frame; errors name the file.
+/// A recorded CSV as a data frame of text columns; errors name the file.
+/// Each column is typed where it is read: inferring types would read a
+/// problem's number (`a`, `vote`: 27 digits at 27-digit lengths) as an
+/// integer and fail past 19 digits.
 pub fn read_frame(path: &Path) -> Result<DataFrame> {
     let bytes = crate::files::read(path)?;
     CsvReadOptions::default()
         .with_has_header(true)
-        .with_infer_schema_length(None)
+        .with_infer_schema_length(Some(0))
         .into_reader_with_file_handle(std::io::Cursor::new(bytes))
         .finish()
         .map_err(|e| Error::format(path, format!("is not a readable CSV: {e}")))
@@ -248,8 +251,12 @@ impl<'a> Frame<'a> {
     }
 
     fn bools(&self, name: &str) -> Result<Vec<bool>> {
-        let values = self.series(name, DataType::Boolean)?;
-        Ok(values.bool().expect("cast to bool").iter().map(|v| v.unwrap_or(false)).collect())
+        let parse = |v: &String| match v.as_str() {
+            "true" => Ok(true),
+            "false" | "" => Ok(false),
+            other => Err(Error::format(self.path, format!("column `{name}`: `{other}` is not true or false"))),
+        };
+        self.strings(name)?.iter().map(parse).collect()
     }
 
     /// The rows where `column` equals `value`.
@@ -894,4 +901,24 @@ fn examples_figure(paths: &Paths, name: &str, experiment: &str) -> Result<Vec<Pa
         series,
     };
     figure(paths, name, &format!("training data of the {experiment} run"), vec![Panel::Lines(lines)], (800, 500))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recorded_columns_keep_numbers_longer_than_an_integer_as_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("votes.csv");
+        let long = "583467610113738888270450965";
+        std::fs::write(&path, format!("example,a,fast_correct,seen\n1,{long},true,\n2,7,false,0.5\n")).unwrap();
+        let f = Frame::read(&path).unwrap();
+        assert_eq!(f.strings("a").unwrap(), [long, "7"]);
+        assert_eq!(f.usizes("example").unwrap(), [1, 2]);
+        assert_eq!(f.bools("fast_correct").unwrap(), [true, false]);
+        assert_eq!(f.f64s("seen").unwrap(), [None, Some(0.5)]);
+        let error = f.bools("a").unwrap_err().to_string();
+        assert!(error.contains("votes.csv") && error.contains("column `a`"), "{error}");
+    }
 }
