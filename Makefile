@@ -55,7 +55,7 @@ smoke-paper: build  ## byt5-small and byt5-base from random weights on the CPU: 
 demo: build  ## the SECToR loop end to end on experiments/micro/main.toml (machinery only: gates at 0)
 	$(SECTOR) run experiments/micro/main.toml --runs-dir $(RUNS)
 
-main: build  ## the main job: rerun the reference experiment of SCALE (cpu: several hours at one thread, resumable) into runs/, then check it against the recorded run
+main: build  ## the main job: rerun the reference experiment of SCALE (cpu: 7.6 h of stage time at one thread, measured for the recording; resumable) into runs/, then check it against the recorded run
 	$(RUN_ENV) $(SECTOR) run experiments/$(SCALE)/main.toml --runs-dir $(RUNS) --device $(DEVICE) --gpus $(GPUS)
 	$(SECTOR) verify $(RUNS)/$(SCALE)-main --against $(RESULTS)/main/run-manifest.sha256 || \
 	  (echo "The rerun differs from the recording: see the lines above (REPRODUCE.md, 'Hashes and sector verify')."; exit 1)
