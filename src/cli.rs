@@ -112,9 +112,10 @@ enum Command {
     /// Recompute the sha256 of every file a directory's manifest.sha256
     /// lists (a run directory or recorded results) and name each missing or
     /// changed file; with --against, also hold a rerun's datasets and
-    /// checkpoints to its recorded run-manifest.sha256 (by bytes where both
-    /// ran the portable kernels on x86-64 with AVX2 and FMA; elsewhere the
-    /// supervised datasets by bytes and the accuracies within 0.10).
+    /// checkpoints to a recording (its directory or its run-manifest.sha256;
+    /// by bytes where both ran the portable kernels on x86-64 with AVX2 and
+    /// FMA; elsewhere the supervised datasets by bytes and the accuracies
+    /// within 0.10).
     Verify {
         dirs: Vec<PathBuf>,
         #[arg(long)]

@@ -8,7 +8,7 @@
 //! compared by its accuracies instead (REPRODUCE.md, "Hashes").
 
 use crate::error::{Error, Result};
-use crate::files::Manifest;
+use crate::files::{Manifest, RUN_MANIFEST};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -199,7 +199,7 @@ const ACCURACY_COLUMNS: [&str; 7] = ["fast", "chain", "slow", "copy", "last_digi
 /// Columns that are expected to differ between machines.
 const UNCOMPARED_COLUMNS: [&str; 2] = ["seconds", "loss"];
 
-/// What `sector verify RUN --against RECORDING/run-manifest.sha256` found:
+/// What `sector verify RUN --against RECORDING` found:
 /// how it compared, one line per problem, and a summary.
 pub struct RerunCheck {
     pub notes: Vec<String>,
@@ -213,7 +213,10 @@ pub struct RerunCheck {
 /// checkpoint the recording lists must have its bytes; elsewhere only the
 /// supervised datasets (made by the script, not the model) must, and the
 /// results CSVs' accuracies must be within [`ACCURACY_TOLERANCE`].
-pub fn check_rerun(run_dir: &Path, recorded_manifest: &Path) -> Result<RerunCheck> {
+/// `recorded` is the recording's run-manifest.sha256 or its directory.
+pub fn check_rerun(run_dir: &Path, recorded: &Path) -> Result<RerunCheck> {
+    let recorded_manifest = if recorded.is_dir() { recorded.join(RUN_MANIFEST) } else { recorded.to_path_buf() };
+    let recorded_manifest = recorded_manifest.as_path();
     // Every file is hashed once, here; below the rerun's manifest stands for
     // its files (any file that disagrees with it is already a problem).
     let own = Manifest::load(run_dir)?;
@@ -400,6 +403,13 @@ rejected,train_examples,script_examples,consumed,accepted_fast_error,accepted_sl
         run_dir(rerun.path(), machine(&["avx2", "fma", "avx512f"], "portable"), b"weights", 0.5);
         let check = check_rerun(rerun.path(), &recorded).unwrap();
         assert!(check.problems.is_empty() && check.notes.is_empty(), "{:?}", check.problems);
+        assert!(check.summary.contains("3 of 3 recorded files match"), "{}", check.summary);
+
+        // The recording's directory stands for its run-manifest.sha256.
+        let missing = check_rerun(rerun.path(), recording.path()).err().expect("no run-manifest.sha256 yet");
+        assert!(missing.to_string().contains(RUN_MANIFEST), "{missing}");
+        std::fs::copy(&recorded, recording.path().join(RUN_MANIFEST)).unwrap();
+        let check = check_rerun(rerun.path(), recording.path()).unwrap();
         assert!(check.summary.contains("3 of 3 recorded files match"), "{}", check.summary);
 
         // Other weights: named as differing from the recording, not as tampering.

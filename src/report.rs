@@ -223,47 +223,52 @@ impl<'a> Frame<'a> {
         Ok(Frame { df: read_frame(path)?, path })
     }
 
-    fn series(&self, name: &str, dtype: DataType) -> Result<Series> {
-        let bad = |problem: String| Error::format(self.path, format!("column `{name}`: {problem}"));
-        let column = self.df.column(name).map_err(|_| bad("is missing".into()))?;
-        column.as_materialized_series().cast(&dtype).map_err(|e| bad(format!("is not {dtype}: {e}")))
+    fn strings(&self, name: &str) -> Result<Vec<String>> {
+        let column = self.df.column(name).map_err(|_| self.bad(name, "is missing".into()))?;
+        let values = column.as_materialized_series().str().map_err(|e| self.bad(name, format!("is not text: {e}")))?;
+        Ok(values.iter().map(|v| v.unwrap_or_default().to_string()).collect())
+    }
+
+    /// The cells of `name` parsed as `T`, an empty cell as `None`; a cell
+    /// that does not parse is an error naming its row (polars' own cast
+    /// would turn it into an empty cell).
+    fn parsed<T: std::str::FromStr>(&self, name: &str, what: &str) -> Result<Vec<Option<T>>> {
+        let parse = |(row, cell): (usize, &String)| match cell.as_str() {
+            "" => Ok(None),
+            text => {
+                text.parse().map(Some).map_err(|_| self.bad(name, format!("row {}: `{text}` is not {what}", row + 1)))
+            }
+        };
+        self.strings(name)?.iter().enumerate().map(parse).collect()
     }
 
     fn f64s(&self, name: &str) -> Result<Vec<Option<f64>>> {
-        Ok(self.series(name, DataType::Float64)?.f64().expect("cast to f64").iter().collect())
+        self.parsed(name, "a number")
     }
 
     fn usizes(&self, name: &str) -> Result<Vec<usize>> {
-        let values = self.series(name, DataType::UInt64)?;
-        let values: Vec<Option<u64>> = values.u64().expect("cast to u64").iter().collect();
-        values
-            .into_iter()
-            .map(|v| {
-                v.map(|v| v as usize)
-                    .ok_or_else(|| Error::format(self.path, format!("column `{name}` has an empty cell")))
-            })
-            .collect()
-    }
-
-    fn strings(&self, name: &str) -> Result<Vec<String>> {
-        let values = self.series(name, DataType::String)?;
-        Ok(values.str().expect("cast to string").iter().map(|v| v.unwrap_or_default().to_string()).collect())
+        let values = self.parsed(name, "a whole number")?.into_iter().enumerate();
+        values.map(|(row, v)| v.ok_or_else(|| self.bad(name, format!("row {} is empty", row + 1)))).collect()
     }
 
     fn bools(&self, name: &str) -> Result<Vec<bool>> {
         let parse = |v: &String| match v.as_str() {
             "true" => Ok(true),
             "false" | "" => Ok(false),
-            other => Err(Error::format(self.path, format!("column `{name}`: `{other}` is not true or false"))),
+            other => Err(self.bad(name, format!("`{other}` is not true or false"))),
         };
         self.strings(name)?.iter().map(parse).collect()
     }
 
     /// The rows where `column` equals `value`.
-    fn filter_eq(&self, column: &str, value: u64) -> Result<Frame<'a>> {
-        let mask = self.series(column, DataType::UInt64)?.u64().expect("cast to u64").equal(value);
+    fn filter_eq(&self, column: &str, value: usize) -> Result<Frame<'a>> {
+        let mask: BooleanChunked = self.usizes(column)?.into_iter().map(|v| v == value).collect();
         let df = self.df.filter(&mask).map_err(|e| Error::format(self.path, e.to_string()))?;
         Ok(Frame { df, path: self.path })
+    }
+
+    fn bad(&self, column: &str, problem: String) -> Error {
+        Error::format(self.path, format!("column `{column}`: {problem}"))
     }
 }
 
@@ -329,7 +334,7 @@ type LengthRow = (usize, usize, f64, f64, Option<f64>);
 
 fn read_accuracy(dir: &Path, stage: usize) -> Result<Vec<LengthRow>> {
     let path = dir.join(ACCURACY_CSV);
-    let f = Frame::read(&path)?.filter_eq("stage", stage as u64)?;
+    let f = Frame::read(&path)?.filter_eq("stage", stage)?;
     let (length, problems) = (f.usizes("length")?, f.usizes("problems")?);
     let (fast, chain, slow) = (f.f64s("fast")?, f.f64s("chain")?, f.f64s("slow")?);
     Ok((0..length.len())
@@ -735,13 +740,15 @@ fn vote_figure(paths: &Paths) -> Result<Vec<PathBuf>> {
         lines.push(format!("majority vote: {voted} ({verdict}; true sum {})", truth[first]));
         panels.push(Panel::Text(TextPage { title: format!("example {number}"), lines }));
     }
-    let height = 120 + 20 * panels_height(&panels);
-    let width = 560 * panels.len().max(1) as u32;
+    // Every line is shown whole: at 27 digits a slow step is about 100
+    // characters, so a column is as wide as its longest line (about 8 px a
+    // character of the 13 px monospace font).
+    let text = |p: &Panel| if let Panel::Text(t) = p { t.lines.clone() } else { Vec::new() };
+    let lines: Vec<String> = panels.iter().flat_map(text).collect();
+    let longest = lines.iter().map(|l| l.chars().count()).max().unwrap_or(0) as u32;
+    let rows = panels.iter().map(|p| text(p).len()).max().unwrap_or(10) as u32;
+    let (width, height) = (panels.len().max(1) as u32 * (32 + 8 * longest).max(560), 120 + 20 * rows);
     figure(paths, "fig4", "simplify-then-guess on problems of the next length", panels, (width, height))
-}
-
-fn panels_height(panels: &[Panel]) -> u32 {
-    panels.iter().map(|p| if let Panel::Text(t) = p { t.lines.len() as u32 } else { 0 }).max().unwrap_or(10)
 }
 
 fn error_rate_figure(paths: &Paths) -> Result<Vec<PathBuf>> {
@@ -912,7 +919,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("votes.csv");
         let long = "583467610113738888270450965";
-        std::fs::write(&path, format!("example,a,fast_correct,seen\n1,{long},true,\n2,7,false,0.5\n")).unwrap();
+        std::fs::write(&path, format!("example,a,fast_correct,seen,n\n1,{long},true,,\n2,7,false,0.5,3\n")).unwrap();
         let f = Frame::read(&path).unwrap();
         assert_eq!(f.strings("a").unwrap(), [long, "7"]);
         assert_eq!(f.usizes("example").unwrap(), [1, 2]);
@@ -920,5 +927,11 @@ mod tests {
         assert_eq!(f.f64s("seen").unwrap(), [None, Some(0.5)]);
         let error = f.bools("a").unwrap_err().to_string();
         assert!(error.contains("votes.csv") && error.contains("column `a`"), "{error}");
+        let error = f.f64s("fast_correct").unwrap_err().to_string();
+        assert!(error.contains("column `fast_correct`: row 1: `true` is not a number"), "{error}");
+        let error = f.usizes("seen").unwrap_err().to_string();
+        assert!(error.contains("column `seen`: row 2: `0.5` is not a whole number"), "{error}");
+        let error = f.usizes("n").unwrap_err().to_string();
+        assert!(error.contains("column `n`: row 1 is empty"), "{error}");
     }
 }
