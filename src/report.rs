@@ -720,7 +720,7 @@ fn vote_figure(paths: &Paths) -> Result<Vec<PathBuf>> {
     let (example, a, b, c) = (f.usizes("example")?, f.strings("a")?, f.strings("b")?, f.usizes("c")?);
     let (steps, slow, candidate) = (f.usizes("simplifications")?, f.strings("slow_output")?, f.strings("candidate")?);
     let (vote, truth) = (f.strings("vote")?, f.strings("truth")?);
-    let mut panels = Vec::new();
+    let mut pages = Vec::new();
     for number in 1..=example.iter().copied().max().unwrap_or(0) {
         let rows: Vec<usize> = (0..example.len()).filter(|&i| example[i] == number).collect();
         let Some(&first) = rows.first() else { continue };
@@ -738,16 +738,15 @@ fn vote_figure(paths: &Paths) -> Result<Vec<PathBuf>> {
         let verdict = if vote[first] == truth[first] { "correct" } else { "wrong" };
         let voted = if vote[first].is_empty() { "(no answer)" } else { vote[first].as_str() };
         lines.push(format!("majority vote: {voted} ({verdict}; true sum {})", truth[first]));
-        panels.push(Panel::Text(TextPage { title: format!("example {number}"), lines }));
+        pages.push(TextPage { title: format!("example {number}"), lines });
     }
     // Every line is shown whole: at 27 digits a slow step is about 100
     // characters, so a column is as wide as its longest line (about 8 px a
     // character of the 13 px monospace font).
-    let text = |p: &Panel| if let Panel::Text(t) = p { t.lines.clone() } else { Vec::new() };
-    let lines: Vec<String> = panels.iter().flat_map(text).collect();
-    let longest = lines.iter().map(|l| l.chars().count()).max().unwrap_or(0) as u32;
-    let rows = panels.iter().map(|p| text(p).len()).max().unwrap_or(10) as u32;
-    let (width, height) = (panels.len().max(1) as u32 * (32 + 8 * longest).max(560), 120 + 20 * rows);
+    let longest = pages.iter().flat_map(|p| &p.lines).map(|l| l.chars().count()).max().unwrap_or(0) as u32;
+    let rows = pages.iter().map(|p| p.lines.len()).max().unwrap_or(10) as u32;
+    let (width, height) = (pages.len().max(1) as u32 * (32 + 8 * longest).max(560), 120 + 20 * rows);
+    let panels = pages.into_iter().map(Panel::Text).collect();
     figure(paths, "fig4", "simplify-then-guess on problems of the next length", panels, (width, height))
 }
 
