@@ -390,6 +390,15 @@ pub struct SelfTrainingSettings {
     /// the paper's check alone. A CPU-scale deviation.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub last_column_variants: bool,
+    /// The same check of the first step behind each fast label: the step
+    /// simplify-only and simplify-then-guess take first on the problem must
+    /// be the one the model takes on its last-column variant, with the
+    /// variant's numbers read. Every candidate of simplify-then-guess keeps
+    /// that step's digit, so a last-column sum wrong in both twins (`A: 7 +
+    /// 2 + 1 = 9.`) is otherwise the label's last digit (false: the paper's
+    /// check alone). A CPU-scale deviation.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub fast_last_column_variants: bool,
     /// Labelling asks every question at digit offsets 0..offset_vote and
     /// takes the majority output (0: at offset 0 alone, the places
     /// themselves). Training draws an offset per example; at a length it was
@@ -424,6 +433,7 @@ impl Default for SelfTrainingSettings {
             column_swaps: 0,
             mirrored_steps: false,
             last_column_variants: false,
+            fast_last_column_variants: false,
             offset_vote: 0,
         }
     }
@@ -587,6 +597,10 @@ impl Experiment {
             ("self_training.column_swaps", (st.column_swaps > 0).then(|| format!("{} column swaps", st.column_swaps))),
             ("self_training.mirrored_steps", st.mirrored_steps.then(|| "mirrored steps".to_string())),
             ("self_training.last_column_variants", st.last_column_variants.then(|| "last-column variants".to_string())),
+            (
+                "self_training.fast_last_column_variants",
+                st.fast_last_column_variants.then(|| "last-column variants of fast labels".to_string()),
+            ),
             ("self_training.offset_vote", (st.offset_vote > 0).then(|| format!("offset vote over {}", st.offset_vote))),
         ]
         .into_iter()
@@ -799,6 +813,10 @@ mod tests {
             ("name = \"x\"\n[self_training]\ngenerated_scale = 2.0", "self_training.generated_scale"),
             ("name = \"x\"\n[self_training]\nmirrored_steps = true", "self_training.mirrored_steps"),
             ("name = \"x\"\n[self_training]\nlast_column_variants = true", "self_training.last_column_variants"),
+            (
+                "name = \"x\"\n[self_training]\nfast_last_column_variants = true",
+                "self_training.fast_last_column_variants",
+            ),
             ("name = \"x\"\n[self_training]\noffset_vote = 5", "self_training.offset_vote"),
             (
                 "name = \"x\"\nscale = \"cpu\"\n[model]\npreset = \"cpu-tiny\"\ndevice = \"cpu\"\n\

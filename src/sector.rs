@@ -127,7 +127,8 @@ pub struct GenerationRecord {
     pub method: String,
     /// "none", "commutativity", or the twin and the stronger checks that
     /// are on, e.g. "commutativity+columns+mirror+last-column"
-    /// (`self_training.column_swaps`, `mirrored_steps`, `last_column_variants`).
+    /// (`self_training.column_swaps`, `mirrored_steps`, `last_column_variants`,
+    /// `fast_last_column_variants`).
     pub check: String,
     pub generated: usize,
     pub kept: usize,
@@ -225,6 +226,34 @@ impl ColumnSwaps {
         }
         agree
     }
+}
+
+/// The step of a problem that took none (a one-digit problem, which has no
+/// last-column variant either).
+static NO_STEP: String = String::new();
+
+/// For each problem: whether the model's slow step on its last-column
+/// variant (`Problem::last_column_variant`) is `steps[i]`, the step taken on
+/// the problem, with the variant's numbers read (true when the column has no
+/// other way). Both steps have the same sum, digit, carry and subproblem, so
+/// a one-column sum the model gets wrong in both twins shows here.
+fn last_columns_restated(
+    solver: &Solver,
+    problems: &[Problem],
+    steps: &[&String],
+    rng: &mut Pcg64,
+) -> Result<Vec<bool>> {
+    let variants: Vec<Option<Problem>> = problems.iter().map(|p| p.last_column_variant(rng)).collect();
+    let asked: Vec<Problem> = variants.iter().flatten().cloned().collect();
+    let mut outputs = solver.ask(&asked, Kind::Slow)?.into_iter();
+    let restated = variants.iter().zip(steps).map(|(variant, step)| match variant {
+        None => true,
+        Some(v) => {
+            let output = outputs.next().expect("one output per variant");
+            restated_last_column(step, solver.format, v) == Some(output)
+        }
+    });
+    Ok(restated.collect())
 }
 
 /// The answer of each trace's first candidate (simplify-only's).
@@ -974,22 +1003,14 @@ impl<'a> Run<'a> {
             both(&mut slow_checks_agree, &mirrored);
         }
         if st.last_column_variants {
-            let variants: Vec<Option<Problem>> =
-                slow_problems.iter().map(|p| p.last_column_variant(&mut variant_rng)).collect();
-            let asked: Vec<Problem> = variants.iter().flatten().cloned().collect();
-            let mut variant_outputs = solver.ask(&asked, Kind::Slow)?.into_iter();
-            let restated: Vec<bool> = variants
-                .iter()
-                .zip(&slow_outputs)
-                .map(|(variant, output)| match variant {
-                    None => true,
-                    Some(v) => {
-                        let asked_output = variant_outputs.next().expect("one output per variant");
-                        restated_last_column(output, format, v) == Some(asked_output)
-                    }
-                })
-                .collect();
+            let restated = last_columns_restated(&solver, &slow_problems, &slow_outputs, &mut variant_rng)?;
             both(&mut slow_checks_agree, &restated);
+        }
+        // The first step behind each fast label, checked as a slow label is.
+        let mut first_steps_agree = vec![true; fast_problems.len()];
+        if st.fast_last_column_variants {
+            let first_steps: Vec<&String> = stg.iter().map(|t| t.slow_outputs.first().unwrap_or(&NO_STEP)).collect();
+            first_steps_agree = last_columns_restated(&solver, &fast_problems, &first_steps, &mut variant_rng)?;
         }
         let swapped_stg = solver.simplify_then_guess(&fast_swaps.problems, st.k)?;
         let swapped_fast = solver.fast(&fast_swaps.problems)?;
@@ -1000,7 +1021,8 @@ impl<'a> Run<'a> {
         ]
         .into_iter()
         .map(|(method, answers, swapped)| {
-            let agree = fast_swaps.agree(&answers, &swapped);
+            let mut agree = fast_swaps.agree(&answers, &swapped);
+            both(&mut agree, &first_steps_agree);
             (method, answers, agree)
         })
         .collect();
@@ -1056,7 +1078,13 @@ impl<'a> Run<'a> {
             let on = [
                 ("columns", st.column_swaps > 0),
                 ("mirror", kind == Kind::Slow && st.mirrored_steps),
-                ("last-column", kind == Kind::Slow && st.last_column_variants),
+                (
+                    "last-column",
+                    match kind {
+                        Kind::Slow => st.last_column_variants,
+                        Kind::Fast => st.fast_last_column_variants,
+                    },
+                ),
             ];
             let names: Vec<&str> = on.iter().filter(|(_, on)| *on).map(|(name, _)| *name).collect();
             (!names.is_empty()).then(|| format!("commutativity+{}", names.join("+")))

@@ -325,6 +325,38 @@ fn column_swaps_mirrored_steps_and_last_column_variants_check_labels_beside_the_
 }
 
 #[test]
+fn last_column_variants_of_fast_labels_drop_labels_whose_first_step_fails_and_leave_slow_labels_alone() {
+    let labelled = |name: &str, on: bool| {
+        let runs = self_training_from_the_reference(name, |e| {
+            e.self_training.last_column_variants = true;
+            e.self_training.fast_last_column_variants = on;
+            // Fast labels by the fast method: the micro model's twins agree on many.
+            e.self_training.fast_labels = sector::config::LabelMethod::Fast;
+        });
+        let dir = runs.path().join(name);
+        let generation: Vec<GenerationRecord> = read_csv(&dir.join("generation.csv")).unwrap();
+        let data: Vec<DataRow> = read_csv(&dir.join("data/stage-02.csv")).unwrap();
+        (generation, data)
+    };
+    let (generation, data) = labelled("micro-fast-last-column", true);
+    let (_, plain_data) = labelled("micro-slow-last-column", false);
+    let kept = |check: &str| {
+        let row = generation.iter().find(|g| g.stage == 2 && g.method == "fast" && g.check == check);
+        row.unwrap_or_else(|| panic!("no fast / {check} row")).kept
+    };
+    // The micro model's first steps do not parse, so the check drops the
+    // labels its twins agreed on.
+    assert!(kept("commutativity") > 0, "the check has labels to look at");
+    assert!(kept("commutativity+last-column") < kept("commutativity"));
+    let model_rows = |data: &[DataRow], kind: Kind| -> Vec<DataRow> {
+        data.iter().filter(|r| r.origin == Origin::Model && r.kind == kind).cloned().collect()
+    };
+    let accepted = model_rows(&data, Kind::Fast).iter().filter(|r| r.accepted).count();
+    assert_eq!(accepted, kept("commutativity+last-column"));
+    assert_eq!(model_rows(&data, Kind::Slow), model_rows(&plain_data, Kind::Slow));
+}
+
+#[test]
 fn rehearsal_trains_on_string_skills_beside_the_recorded_task_data() {
     let runs = tempfile::tempdir().unwrap();
     let mut rehearsing = micro();
