@@ -407,6 +407,14 @@ pub fn run(
     Ok(run.records)
 }
 
+/// The slow threshold of a self-training gate holding out `held` slow
+/// labels that allows `misses` of them: (held - misses) / held, computed as
+/// the gate's rate is, so equal counts compare equal, and never above the
+/// supervised threshold.
+fn self_training_slow_gate(slow_gate: f64, misses: usize, held: usize) -> f64 {
+    slow_gate.min(rate(held.saturating_sub(misses), held))
+}
+
 /// Exact-match rate of `hits` (0 for an empty set).
 fn rate(hits: usize, total: usize) -> f64 {
     if total == 0 {
@@ -921,7 +929,8 @@ impl<'a> Run<'a> {
         let train: Vec<Example> = data.iter().filter(|r| r.split == Split::Train).map(DataRow::example).collect();
         let script_examples = data.iter().filter(|r| r.split == Split::Train && r.origin == Origin::Script).count();
         let (epochs, gate_fast, gate_slow, passed) = if stop_reason.is_empty() {
-            let thresholds = (e.supervised.fast_gate, e.supervised.slow_gate);
+            let slow = self_training_slow_gate(e.supervised.slow_gate, st.slow_gate_misses, held_out(Kind::Slow));
+            let thresholds = (e.supervised.fast_gate, slow);
             self.train_until_gate(trainer, stage, &train, &gate, thresholds, &format!("stage {stage} self {m}"))?
         } else {
             (0, 0.0, 0.0, false)
@@ -1417,6 +1426,18 @@ mod tests {
         // A run that taught itself nothing says so.
         let summary = run_summary("x", "micro", &records[..2], &[]);
         assert!(summary.contains("self-taught:  none"), "{summary}");
+    }
+
+    #[test]
+    fn a_slow_gate_allowing_one_miss_passes_127_of_128_and_not_126() {
+        let one_miss = self_training_slow_gate(1.0, 1, 128);
+        assert!(rate(127, 128) >= one_miss && rate(126, 128) < one_miss);
+        // The paper's gate: every held-out label right.
+        let paper = self_training_slow_gate(1.0, 0, 128);
+        assert!(rate(128, 128) >= paper && rate(127, 128) < paper);
+        // Never stricter than the supervised threshold, nor below 0 when few are held out.
+        assert_eq!(self_training_slow_gate(0.0, 1, 128), 0.0);
+        assert_eq!(self_training_slow_gate(1.0, 3, 2), 0.0);
     }
 
     #[test]
