@@ -228,21 +228,12 @@ impl ColumnSwaps {
     }
 }
 
-/// The step of a problem that took none (a one-digit problem, which has no
-/// last-column variant either).
-static NO_STEP: String = String::new();
-
 /// For each problem: whether the model's slow step on its last-column
 /// variant (`Problem::last_column_variant`) is `steps[i]`, the step taken on
 /// the problem, with the variant's numbers read (true when the column has no
 /// other way). Both steps have the same sum, digit, carry and subproblem, so
 /// a one-column sum the model gets wrong in both twins shows here.
-fn last_columns_restated(
-    solver: &Solver,
-    problems: &[Problem],
-    steps: &[&String],
-    rng: &mut Pcg64,
-) -> Result<Vec<bool>> {
+fn last_columns_restated(solver: &Solver, problems: &[Problem], steps: &[&str], rng: &mut Pcg64) -> Result<Vec<bool>> {
     let variants: Vec<Option<Problem>> = problems.iter().map(|p| p.last_column_variant(rng)).collect();
     let asked: Vec<Problem> = variants.iter().flatten().cloned().collect();
     let mut outputs = solver.ask(&asked, Kind::Slow)?.into_iter();
@@ -1003,11 +994,11 @@ impl<'a> Run<'a> {
         let fast_swaps = ColumnSwaps::draw(&fast_problems, st.column_swaps, &mut variant_rng);
         let slow_columns_agree =
             slow_swaps.agree(&slow_answers, &first_candidates(&solver.simplify_only(&slow_swaps.problems)?));
-        let slow_outputs: Vec<&String> = slow_traces.iter().map(|t| &t.slow_outputs[0]).collect();
+        let slow_outputs: Vec<&str> = slow_traces.iter().map(|t| t.slow_outputs[0].as_str()).collect();
         let mut slow_checks_agree = slow_columns_agree;
         if st.mirrored_steps {
             let mirrored = twins_pass(&slow_problems, |i, j| {
-                mirrored_slow(slow_outputs[i], format).as_ref() == Some(slow_outputs[j])
+                mirrored_slow(slow_outputs[i], format).as_deref() == Some(slow_outputs[j])
             });
             both(&mut slow_checks_agree, &mirrored);
         }
@@ -1016,11 +1007,14 @@ impl<'a> Run<'a> {
             both(&mut slow_checks_agree, &restated);
         }
         // The first step behind each fast label, checked as a slow label is.
-        let mut first_steps_agree = vec![true; fast_problems.len()];
-        if st.fast_last_column_variants {
-            let first_steps: Vec<&String> = stg.iter().map(|t| t.slow_outputs.first().unwrap_or(&NO_STEP)).collect();
-            first_steps_agree = last_columns_restated(&solver, &fast_problems, &first_steps, &mut variant_rng)?;
-        }
+        // A one-digit problem takes no step, and has no last-column variant either.
+        let first_steps_agree = if st.fast_last_column_variants {
+            let first_steps: Vec<&str> =
+                stg.iter().map(|t| t.slow_outputs.first().map_or("", String::as_str)).collect();
+            last_columns_restated(&solver, &fast_problems, &first_steps, &mut variant_rng)?
+        } else {
+            vec![true; fast_problems.len()]
+        };
         let swapped_stg = solver.simplify_then_guess(&fast_swaps.problems, st.k)?;
         let swapped_fast = solver.fast(&fast_swaps.problems)?;
         let fast_methods: Vec<(LabelMethod, Vec<Option<String>>, Vec<bool>)> = [
