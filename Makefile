@@ -16,6 +16,11 @@ FEATURE_FLAGS := $(if $(FEATURES),--features $(FEATURES),)
 RUNS ?= runs
 # Data-parallel over this many GPUs (paper scale, a build with FEATURES=nccl).
 GPUS ?= 1
+# Data-parallel over this many CPU cores, ranks as threads of one process at
+# one thread each: `make main CPU_RANKS=2` (same files as one rank when the
+# config's train.micro_batches equals it).
+CPU_RANKS ?= 1
+RANK_FLAGS := --gpus $(GPUS) --cpu-ranks $(CPU_RANKS)
 
 # Which scale the artifact targets use: micro (machinery check, minutes),
 # cpu (this machine's reference results) or paper (CUDA; DEVICE=cuda).
@@ -56,12 +61,12 @@ demo: build  ## the SECToR loop end to end on experiments/micro/main.toml (machi
 	$(SECTOR) run experiments/micro/main.toml --runs-dir $(RUNS)
 
 main: build  ## the main job: rerun the reference experiment of SCALE (cpu: 7.6 h of stage time at one thread, measured for the recording; resumable) into runs/, then check it against the recorded run
-	$(RUN_ENV) $(SECTOR) run experiments/$(SCALE)/main.toml --runs-dir $(RUNS) --device $(DEVICE) --gpus $(GPUS)
+	$(RUN_ENV) $(SECTOR) run experiments/$(SCALE)/main.toml --runs-dir $(RUNS) --device $(DEVICE) $(RANK_FLAGS)
 	$(SECTOR) verify $(RUNS)/$(SCALE)-main --against $(RESULTS)/main/run-manifest.sha256 || \
 	  (echo "The rerun differs from the recording: see the lines above (REPRODUCE.md, 'Hashes and sector verify')."; exit 1)
 
-run: build  ## run (or resume) an experiment: make run CONFIG=experiments/NAME.toml [GPUS=8 FEATURES=nccl]
-	$(SECTOR) run $(CONFIG) --runs-dir $(RUNS) --gpus $(GPUS)
+run: build  ## run (or resume) an experiment: make run CONFIG=experiments/NAME.toml [GPUS=8 FEATURES=nccl, or CPU_RANKS=2]
+	$(SECTOR) run $(CONFIG) --runs-dir $(RUNS) $(RANK_FLAGS)
 
 PEER_PYTHON := benches/.venv/bin/python
 # The venv's python is a symlink to the system's, so its date says nothing
@@ -147,11 +152,11 @@ $(FROM_PRETRAINED): | $(PRETRAINED)
 # An ablation takes over the main run's supervised phase from its run
 # directory (supervised.from), so the main run is made (or found) there first.
 $(SELF_ABLATIONS): $(RESULTS)/%/manifest.sha256: | build
-	$(RUN_ENV) $(SECTOR) run experiments/$(SCALE)/main.toml --runs-dir $(RUNS) --device $(DEVICE) --gpus $(GPUS)
-	$(RUN_ENV) $(SECTOR) run experiments/$(SCALE)/$*.toml --runs-dir $(RUNS) --device $(DEVICE) --gpus $(GPUS) --record $(RESULTS)/$*
+	$(RUN_ENV) $(SECTOR) run experiments/$(SCALE)/main.toml --runs-dir $(RUNS) --device $(DEVICE) $(RANK_FLAGS)
+	$(RUN_ENV) $(SECTOR) run experiments/$(SCALE)/$*.toml --runs-dir $(RUNS) --device $(DEVICE) $(RANK_FLAGS) --record $(RESULTS)/$*
 
 $(RESULTS)/%/manifest.sha256: | build
-	$(RUN_ENV) $(SECTOR) run experiments/$(SCALE)/$*.toml --runs-dir $(RUNS) --device $(DEVICE) --gpus $(GPUS) --record $(RESULTS)/$*
+	$(RUN_ENV) $(SECTOR) run experiments/$(SCALE)/$*.toml --runs-dir $(RUNS) --device $(DEVICE) $(RANK_FLAGS) --record $(RESULTS)/$*
 
 verify: build  ## recompute every recorded hash; reruns in runs/ are checked against the recorded run manifests
 	$(SECTOR) verify $(dir $(wildcard results/*/*/manifest.sha256))

@@ -7,8 +7,9 @@ use crate::fewshot::FewShotConfig;
 use crate::files::{csv_bytes, record_run, write_atomic, Manifest};
 use crate::generate::{greedy_text, GreedyOptions};
 use crate::model::select_device;
-use crate::parallel::{Collective, SingleRank};
+use crate::parallel::{Collective, SingleRank, ThreadRanks};
 use crate::pretrain::PretrainConfig;
+use crate::sector::StageRecord;
 use crate::task::{SlowFormat, TrueOracle};
 use crate::weights::Model;
 use anyhow::Context;
@@ -62,6 +63,11 @@ enum Command {
         /// process each (needs a build with --features nccl).
         #[arg(long, default_value_t = 1)]
         gpus: usize,
+        /// Train and decode data-parallel on this many CPU cores: ranks as
+        /// threads of this process, one core each. With train.micro_batches
+        /// equal to it, the run's files are those of one rank, bit for bit.
+        #[arg(long, default_value_t = 1)]
+        cpu_ranks: usize,
         /// Set by the launcher: this process's rank (and GPU) of --gpus.
         #[arg(long, hide = true, requires = "nccl_id")]
         rank: Option<usize>,
@@ -245,7 +251,7 @@ pub fn run() -> anyhow::Result<()> {
                 println!("{}", escape(&output));
             }
         }
-        Command::Run { config, output, gpus, rank, nccl_id } => {
+        Command::Run { config, output, gpus, cpu_ranks, rank, nccl_id } => {
             let mut experiment = Experiment::load(&config)?;
             if let Some(device) = &output.device {
                 experiment.model.device = device.clone();
@@ -253,9 +259,13 @@ pub fn run() -> anyhow::Result<()> {
                 experiment.model.check(&config)?;
             }
             let run_dir = output.runs_dir.join(&experiment.name);
-            let collective: Arc<dyn Collective> = match (gpus, rank, nccl_id) {
+            let (name, scale) = (experiment.name.clone(), experiment.scale.clone());
+            if gpus > 1 && cpu_ranks > 1 {
+                anyhow::bail!("--gpus {gpus} and --cpu-ranks {cpu_ranks}: choose one kind of rank");
+            }
+            let records = match (gpus, rank, nccl_id) {
                 (0, _, _) => anyhow::bail!("--gpus must be at least 1"),
-                (1, _, _) => Arc::new(SingleRank),
+                (1, _, _) => run_on_cpu_ranks(experiment, &output.runs_dir, cpu_ranks)?,
                 (_, None, _) => {
                     launch_ranks(&config, &output.runs_dir, gpus)?;
                     return output.record(&run_dir);
@@ -263,21 +273,20 @@ pub fn run() -> anyhow::Result<()> {
                 (_, Some(rank), Some(id)) => {
                     let (ranks, device) = join_rank(rank, gpus, &id)?;
                     experiment.model.device = device;
-                    ranks
+                    let records = crate::sector::run(experiment, &output.runs_dir, &TrueOracle, ranks)?;
+                    if rank > 0 {
+                        return Ok(());
+                    }
+                    records
                 }
                 (_, Some(_), None) => unreachable!("clap requires --nccl-id with --rank"),
             };
-            let rank_zero = collective.rank() == 0;
-            let (name, scale) = (experiment.name.clone(), experiment.scale.clone());
-            let records = crate::sector::run(experiment, &output.runs_dir, &TrueOracle, collective)?;
-            if rank_zero {
-                println!("{} stages:", records.len());
-                for record in &records {
-                    println!("{}", crate::sector::stage_summary(record));
-                }
-                let finals = crate::files::read_csv(&run_dir.join(crate::analysis::FINAL_CSV))?;
-                println!("\n{}", crate::sector::run_summary(&name, &scale, &records, &finals));
+            println!("{} stages:", records.len());
+            for record in &records {
+                println!("{}", crate::sector::stage_summary(record));
             }
+            let finals = crate::files::read_csv(&run_dir.join(crate::analysis::FINAL_CSV))?;
+            println!("\n{}", crate::sector::run_summary(&name, &scale, &records, &finals));
             if rank.is_none() {
                 output.record(&run_dir)?;
             }
@@ -450,6 +459,55 @@ fn launch_ranks(config: &std::path::Path, runs_dir: &std::path::Path, gpus: usiz
         anyhow::bail!("rank(s) {} failed: see their messages above; rerun to resume", failed.join(", "));
     }
     Ok(())
+}
+
+/// Runs `experiment` with `ranks` data-parallel ranks on the CPU and returns
+/// rank 0's stage records. Each rank is a thread with a one-thread rayon pool
+/// of its own, so the ranks' kernels never queue for one shared worker. A
+/// rank that fails ends the process: the others would wait for it forever.
+fn run_on_cpu_ranks(
+    experiment: Experiment,
+    runs_dir: &std::path::Path,
+    ranks: usize,
+) -> anyhow::Result<Vec<StageRecord>> {
+    match ranks {
+        0 => anyhow::bail!("--cpu-ranks must be at least 1"),
+        1 => return Ok(crate::sector::run(experiment, runs_dir, &TrueOracle, Arc::new(SingleRank))?),
+        _ if experiment.model.device != "cpu" => {
+            anyhow::bail!("--cpu-ranks {ranks}: the model is on {}; use --gpus for GPUs", experiment.model.device)
+        }
+        _ => {}
+    }
+    let pools = (0..ranks)
+        .map(|_| rayon::ThreadPoolBuilder::new().num_threads(1).stack_size(64 << 20).build())
+        .collect::<Result<Vec<_>, _>>()
+        .context("cannot start the ranks' threads")?;
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = ThreadRanks::group(ranks)
+            .into_iter()
+            .zip(&pools)
+            .map(|(collective, pool)| {
+                let experiment = experiment.clone();
+                scope.spawn(move || {
+                    let rank = collective.rank();
+                    let run =
+                        || pool.install(|| crate::sector::run(experiment, runs_dir, &TrueOracle, Arc::new(collective)));
+                    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
+                        Ok(Ok(records)) => records,
+                        Ok(Err(err)) => {
+                            eprintln!("error on rank {rank} of {ranks}: {err:#}");
+                            std::process::exit(1)
+                        }
+                        // The panic hook has printed the message.
+                        Err(_) => std::process::exit(101),
+                    }
+                })
+            })
+            .collect();
+        let mut records: Vec<_> =
+            handles.into_iter().map(|handle| handle.join().expect("a rank's panic ends the process")).collect();
+        Ok(records.swap_remove(0))
+    })
 }
 
 /// Joins a launched job as `rank` on GPU `rank`; returns the ranks and the device name.

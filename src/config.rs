@@ -215,6 +215,11 @@ pub struct TrainSettings {
     pub batch_size: usize,
     /// Padded tokens per forward/backward pass (gradient accumulation).
     pub max_tokens_per_micro_batch: usize,
+    /// The least number of micro-batches a batch is cut into, its rows
+    /// dealt out in turn by length: 2 lets `sector run --cpu-ranks 2` give
+    /// each core one, with the weights of one rank bit for bit.
+    #[serde(skip_serializing_if = "crate::train::is_single")]
+    pub micro_batches: usize,
     /// Train with the model's dropout rate.
     pub dropout: bool,
     /// Epochs per stage before the gate is first checked.
@@ -236,6 +241,7 @@ impl Default for TrainSettings {
             lr_schedule: LrSchedule::Constant,
             batch_size: 1024,
             max_tokens_per_micro_batch: 65536,
+            micro_batches: 1,
             dropout: false,
             min_epochs: 1,
             max_epochs: 20,
@@ -676,6 +682,7 @@ impl Experiment {
             lr: t.lr,
             batch_size: t.batch_size,
             max_tokens_per_micro_batch: t.max_tokens_per_micro_batch,
+            micro_batches: t.micro_batches,
             dropout: t.dropout,
             seed: self.seed,
             warmup_steps: t.warmup_steps,

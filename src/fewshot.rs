@@ -163,7 +163,7 @@ pub fn run_into(config: &FewShotConfig, runs_root: &Path) -> Result<std::path::P
     let config_text = toml::to_string(config).expect("a few-shot config serialises");
     manifest.write_file(&dir, crate::files::CONFIG_FILE, config_text.as_bytes())?;
     manifest.write_file(&dir, FEWSHOT_CSV, &crate::files::csv_bytes(&records, &dir.join(FEWSHOT_CSV))?)?;
-    crate::provenance::Provenance::record_session(&dir, &mut manifest, 1, &config.device)?;
+    crate::provenance::Provenance::record_session(&dir, &mut manifest, 1, &config.device, 1)?;
     Ok(dir)
 }
 

@@ -209,6 +209,7 @@ pub fn run_into(config: &PretrainConfig, runs_root: &Path) -> Result<PathBuf> {
             lr: t.lr,
             batch_size: t.batch_size,
             max_tokens_per_micro_batch: t.max_tokens_per_micro_batch,
+            micro_batches: 1,
             dropout: false,
             seed: config.seed,
             warmup_steps: t.warmup_steps,
@@ -230,7 +231,7 @@ pub fn run_into(config: &PretrainConfig, runs_root: &Path) -> Result<PathBuf> {
     let mut max_digits = records.last().map_or(s.start_max_digits, |r| r.next_max_digits);
     let mut finished = records.last().is_some_and(|r| r.finished);
     if !finished && records.len() < config.train.epochs {
-        let machine = Provenance::record_session(&dir, &mut manifest, records.len() + 1, &config.model.device)?;
+        let machine = Provenance::record_session(&dir, &mut manifest, records.len() + 1, &config.model.device, 1)?;
         log(&format!("machine: {}", machine.describe()));
     }
     for epoch in records.len() + 1..=config.train.epochs {

@@ -50,6 +50,17 @@ pub struct Session {
     pub from: usize,
     pub machine: Machine,
     pub build: Build,
+    /// Data-parallel ranks (`sector run --gpus` or `--cpu-ranks`).
+    #[serde(default = "one_rank", skip_serializing_if = "is_one_rank")]
+    pub ranks: usize,
+}
+
+fn one_rank() -> usize {
+    1
+}
+
+fn is_one_rank(ranks: &usize) -> bool {
+    *ranks == 1
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -135,14 +146,20 @@ impl Provenance {
         })
     }
 
-    /// Appends this process's session (from stage or epoch `from`) to the
-    /// run's dir/provenance.toml (a fresh one if `manifest` does not list
-    /// it), written through the manifest.
-    pub fn record_session(dir: &Path, manifest: &mut Manifest, from: usize, device: &str) -> Result<Machine> {
+    /// Appends this process's session (from stage or epoch `from`, on
+    /// `ranks` data-parallel ranks) to the run's dir/provenance.toml (a fresh
+    /// one if `manifest` does not list it), written through the manifest.
+    pub fn record_session(
+        dir: &Path,
+        manifest: &mut Manifest,
+        from: usize,
+        device: &str,
+        ranks: usize,
+    ) -> Result<Machine> {
         let mut provenance =
             if manifest.entries.contains_key(PROVENANCE_FILE) { Provenance::load(dir)? } else { Provenance::default() };
         let machine = Machine::current(device)?;
-        provenance.session.push(Session { from, machine: machine.clone(), build: Build::current() });
+        provenance.session.push(Session { from, machine: machine.clone(), build: Build::current(), ranks });
         let text = toml::to_string(&provenance).expect("provenance serialises");
         manifest.write_file(dir, PROVENANCE_FILE, text.as_bytes())?;
         manifest.save(dir)?;
@@ -356,7 +373,7 @@ mod tests {
 
     fn provenance(machine: Machine) -> Provenance {
         let build = Build::current();
-        Provenance { session: vec![Session { from: 1, machine, build }] }
+        Provenance { session: vec![Session { from: 1, machine, build, ranks: 1 }] }
     }
 
     #[test]

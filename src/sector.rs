@@ -572,8 +572,12 @@ impl<'a> Run<'a> {
         let done = run.records.last().is_some_and(|r| r.next_phase == Phase::Stop);
         if writer && !done {
             let device = run.experiment.model.device.clone();
-            let machine = Provenance::record_session(&run.dir, &mut run.manifest, finished + 1, &device)?;
+            let ranks = run.collective.world_size();
+            let machine = Provenance::record_session(&run.dir, &mut run.manifest, finished + 1, &device, ranks)?;
             run.log(&format!("machine: {}", machine.describe()));
+            if ranks > 1 {
+                run.log(&format!("data-parallel: {ranks} ranks"));
+            }
         }
         Ok(run)
     }

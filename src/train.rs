@@ -6,7 +6,9 @@
 //! `max_tokens_per_micro_batch` padded tokens, so it fits any device and
 //! wastes little padding; each micro-batch's summed loss is divided by the
 //! whole batch's target-token count, so the accumulated gradient is the
-//! gradient of the batch's mean token loss whatever the split.
+//! gradient of the batch's mean token loss whatever the split. With
+//! `micro_batches = k` the sorted rows are first dealt out in turn to k parts
+//! of alike lengths, so that k data-parallel ranks each get one part.
 
 use crate::error::{Error, Result};
 use crate::files::Manifest;
@@ -37,6 +39,11 @@ pub struct TrainConfig {
     pub batch_size: usize,
     /// Padded tokens (input + target) per forward/backward pass; bounds memory.
     pub max_tokens_per_micro_batch: usize,
+    /// The least number of micro-batches a batch is cut into (1: as few as
+    /// the token budget allows). k ranks with k micro-batches a batch take
+    /// the steps of one rank bit for bit: both sum the k gradients in order.
+    #[serde(default = "single", skip_serializing_if = "is_single")]
+    pub micro_batches: usize,
     /// Train with the model config's dropout rate (off: deterministic forward).
     pub dropout: bool,
     /// Seeds the data order and the dropout masks.
@@ -51,6 +58,15 @@ pub struct TrainConfig {
     /// Random offsets of the digit places (a model with digit positions).
     #[serde(default, skip_serializing_if = "DigitOffset::is_none")]
     pub digit_offset: DigitOffset,
+}
+
+fn single() -> usize {
+    1
+}
+
+/// Whether a count is 1 (a field left out of a saved config when it is).
+pub(crate) fn is_single(count: &usize) -> bool {
+    *count == 1
 }
 
 /// The random offset added in training to every digit's place (model.rs,
@@ -127,6 +143,7 @@ impl Default for TrainConfig {
             lr: 1e-4,
             batch_size: 1024,
             max_tokens_per_micro_batch: 65536,
+            micro_batches: 1,
             dropout: false,
             seed: 0,
             warmup_steps: 0,
@@ -196,22 +213,27 @@ impl Adam {
 }
 
 /// Splits a logical batch into micro-batches of similar lengths: indices
-/// sorted by length, then cut so that rows x longest row <= `max_tokens`.
-pub fn micro_batches(examples: &[&Example], max_tokens: usize) -> Vec<Vec<usize>> {
+/// sorted by length and dealt out in turn to `parts` parts (alike in
+/// lengths, so ranks that take one each finish together), each cut so that
+/// rows x longest row <= `max_tokens`.
+pub fn micro_batches(examples: &[&Example], max_tokens: usize, parts: usize) -> Vec<Vec<usize>> {
     let len = |i: usize| examples[i].0.len() + examples[i].1.len();
     let mut order: Vec<usize> = (0..examples.len()).collect();
     order.sort_by_key(|&i| (len(i), i));
+    let parts = parts.max(1);
     let mut batches: Vec<Vec<usize>> = Vec::new();
-    let mut current: Vec<usize> = Vec::new();
-    for i in order {
-        // Sorted ascending, so the newest row is the longest.
-        if !current.is_empty() && (current.len() + 1) * len(i) > max_tokens {
-            batches.push(std::mem::take(&mut current));
+    for part in 0..parts {
+        let mut current: Vec<usize> = Vec::new();
+        for &i in order.iter().skip(part).step_by(parts) {
+            // Sorted ascending, so the newest row is the longest.
+            if !current.is_empty() && (current.len() + 1) * len(i) > max_tokens {
+                batches.push(std::mem::take(&mut current));
+            }
+            current.push(i);
         }
-        current.push(i);
-    }
-    if !current.is_empty() {
-        batches.push(current);
+        if !current.is_empty() {
+            batches.push(current);
+        }
     }
     batches
 }
@@ -266,7 +288,7 @@ impl Trainer {
         let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
         let mut loss = 0f32;
         let collective = self.collective.clone();
-        let micros = micro_batches(batch, self.config.max_tokens_per_micro_batch);
+        let micros = micro_batches(batch, self.config.max_tokens_per_micro_batch, self.config.micro_batches);
         // Drawn before the micro-batches, so they do not depend on the split.
         let digit_offsets = self.config.digit_offset.draw(&mut self.dropout_rng, batch.len());
         for (i, micro) in micros.iter().enumerate() {
@@ -431,7 +453,7 @@ mod tests {
         let ex = |n: usize| (vec![5; n], vec![6; 2]);
         let examples: Vec<Example> = [10, 3, 8, 3, 9, 2].iter().map(|&n| ex(n)).collect();
         let refs: Vec<&Example> = examples.iter().collect();
-        let batches = micro_batches(&refs, 24);
+        let batches = micro_batches(&refs, 24, 1);
         // Lengths (input + target): 12, 5, 10, 5, 11, 4.
         assert_eq!(batches, vec![vec![5, 1, 3], vec![2, 4], vec![0]]);
         let all: usize = batches.iter().map(Vec::len).sum();
@@ -491,10 +513,23 @@ mod tests {
     }
 
     #[test]
+    fn micro_batches_deal_sorted_rows_to_parts_of_alike_lengths() {
+        let ex = |n: usize| (vec![5; n], vec![6; 2]);
+        let examples: Vec<Example> = [10, 3, 8, 3, 9, 2].iter().map(|&n| ex(n)).collect();
+        let refs: Vec<&Example> = examples.iter().collect();
+        // Sorted by length: 5, 1, 3, 2, 4, 0; dealt in turn to two parts.
+        assert_eq!(micro_batches(&refs, 1000, 2), vec![vec![5, 3, 4], vec![1, 2, 0]]);
+        // Each part is then cut by the token budget, as one part is.
+        assert_eq!(micro_batches(&refs, 24, 2), vec![vec![5, 3], vec![4], vec![1, 2], vec![0]]);
+        // More parts than rows: every row alone, no empty part.
+        assert_eq!(micro_batches(&refs[..2], 1000, 3), vec![vec![1], vec![0]]);
+    }
+
+    #[test]
     fn a_row_longer_than_the_budget_still_gets_a_batch() {
         let examples = [(vec![5; 50], vec![6; 50])];
         let refs: Vec<&Example> = examples.iter().collect();
-        assert_eq!(micro_batches(&refs, 10), vec![vec![0]]);
+        assert_eq!(micro_batches(&refs, 10, 1), vec![vec![0]]);
     }
 
     #[test]

@@ -55,7 +55,7 @@ fn on_two_ranks<T: Send>(work: impl Fn(Arc<dyn Collective>) -> T + Sync) -> Vec<
 fn two_ranks_take_the_same_steps_as_one_process() {
     let data: Vec<Example> = copy_examples(128, 3, 4);
     let batch: Vec<&Example> = data[..32].iter().collect();
-    assert!(micro_batches(&batch, 40).len() >= 4, "the test needs batches split across ranks");
+    assert!(micro_batches(&batch, 40, 1).len() >= 4, "the test needs batches split across ranks");
     let train = |trainer: &mut Trainer| (0..2).map(|_| trainer.epoch(&data).unwrap()).collect::<Vec<f32>>();
 
     let mut single = tiny_trainer(Arc::new(SingleRank));
@@ -82,6 +82,32 @@ fn two_ranks_take_the_same_steps_as_one_process() {
     for (rank, (_, losses)) in ranks.iter().enumerate() {
         for (one, two) in single_losses.iter().zip(losses) {
             assert!((one - two).abs() < 1e-5, "rank {rank}: epoch loss {two}, one process {one}");
+        }
+    }
+}
+
+#[test]
+fn with_a_micro_batch_per_rank_two_ranks_take_one_process_s_steps_bit_for_bit() {
+    let data: Vec<Example> = copy_examples(128, 3, 4);
+    let halves = |collective: Arc<dyn Collective>| {
+        let mut trainer = tiny_trainer(collective);
+        (trainer.config.max_tokens_per_micro_batch, trainer.config.micro_batches) = (1 << 20, 2);
+        trainer
+    };
+    let batch: Vec<&Example> = data[..32].iter().collect();
+    assert_eq!(micro_batches(&batch, 1 << 20, 2).len(), 2, "one micro-batch per rank");
+    let mut single = halves(Arc::new(SingleRank));
+    let single_losses: Vec<f32> = (0..2).map(|_| single.epoch(&data).unwrap()).collect();
+    let ranks = on_two_ranks(|collective| {
+        let mut trainer = halves(collective);
+        let losses: Vec<f32> = (0..2).map(|_| trainer.epoch(&data).unwrap()).collect();
+        (trainer, losses)
+    });
+    for (rank, (trainer, losses)) in ranks.iter().enumerate() {
+        assert_eq!(losses, &single_losses, "rank {rank}: epoch losses");
+        for (name, var) in &single.model.vars {
+            let diff = max_abs_diff(var.as_tensor(), trainer.model.vars[name].as_tensor());
+            assert_eq!(diff, 0.0, "rank {rank}: {name} differs from one process");
         }
     }
 }
@@ -129,4 +155,30 @@ fn a_two_rank_run_writes_the_single_process_datasets_and_records() {
     // One writer: the run directory is whole and its manifest verifies.
     let manifest = Manifest::load(&two).unwrap();
     assert_eq!(manifest.problems(&two), Vec::<String>::new());
+}
+
+#[test]
+fn with_train_micro_batches_2_a_two_rank_run_writes_the_single_process_checkpoints() {
+    let micro = || {
+        let mut e =
+            Experiment::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/micro/main.toml")).unwrap();
+        e.train.micro_batches = 2;
+        e
+    };
+    let single = tempfile::tempdir().unwrap();
+    run(micro(), single.path(), &TrueOracle, Arc::new(SingleRank)).unwrap();
+    let two = tempfile::tempdir().unwrap();
+    on_two_ranks(|collective| run(micro(), two.path(), &TrueOracle, collective).unwrap());
+
+    let (single, two) = (single.path().join("micro-main"), two.path().join("micro-main"));
+    let (single_files, two_files) = (Manifest::load(&single).unwrap(), Manifest::load(&two).unwrap());
+    let saved: Vec<&String> = single_files
+        .entries
+        .keys()
+        .filter(|name| name.starts_with("checkpoints/") || name.starts_with("data/"))
+        .collect();
+    assert!(saved.iter().any(|name| name.ends_with("model.safetensors")), "the run saved checkpoints");
+    for name in saved {
+        assert_eq!(two_files.entries.get(name), single_files.entries.get(name), "{name}");
+    }
 }
