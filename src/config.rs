@@ -529,6 +529,12 @@ impl Experiment {
         if self.train.batch_size == 0 || self.train.max_epochs == 0 || self.train.min_epochs > self.train.max_epochs {
             return bad("train", "needs batch_size > 0 and 1 <= min_epochs <= max_epochs".into());
         }
+        if self.train.micro_batches == 0 {
+            return bad(
+                "train.micro_batches",
+                "is 0; use 1 (as few as the token budget allows) or the number of --cpu-ranks".into(),
+            );
+        }
         if self.task.data_scale.is_nan() || self.task.data_scale <= 0.0 {
             return bad("task.data_scale", format!("is {}; it must be positive", self.task.data_scale));
         }
@@ -818,6 +824,7 @@ mod tests {
             ("name = \"x\"\n[task]\nrehearsal = 0.1", "task.rehearsal"),
             ("name = \"a b\"", "name"),
             ("name = \"x\"\n[train]\ndigit_offset = { max = 30 }", "train.digit_offset"),
+            ("name = \"x\"\n[train]\nmicro_batches = 0", "train.micro_batches"),
             (
                 "name = \"x\"\nscale = \"cpu\"\n[model]\npreset = \"cpu-tiny\"\ndevice = \"cpu\"\n\
                  digit_positions = { max_index = 40 }\n[train]\ndigit_offset = { max = 30 }",
