@@ -17,8 +17,8 @@ RUNS ?= runs
 # Data-parallel over this many GPUs (paper scale, a build with FEATURES=nccl).
 GPUS ?= 1
 # Data-parallel over this many CPU cores, ranks as threads of one process at
-# one thread each: `make main CPU_RANKS=2` (same files as one rank when the
-# config's train.micro_batches equals it).
+# one thread each: `make main CPU_RANKS=2` (the files of one rank when every
+# batch is cut into that many micro-batches: train.micro_batches).
 CPU_RANKS ?= 1
 RANK_FLAGS := --gpus $(GPUS) --cpu-ranks $(CPU_RANKS)
 

@@ -64,8 +64,10 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         gpus: usize,
         /// Train and decode data-parallel on this many CPU cores: ranks as
-        /// threads of this process, one core each. With train.micro_batches
-        /// equal to it, the run's files are those of one rank, bit for bit.
+        /// threads of this process, one thread each. When every batch is cut
+        /// into exactly this many micro-batches (train.micro_batches equal to
+        /// it, no part over the token budget), the run's files are those of
+        /// one rank, bit for bit.
         #[arg(long, default_value_t = 1)]
         cpu_ranks: usize,
         /// Set by the launcher: this process's rank (and GPU) of --gpus.
@@ -260,6 +262,9 @@ pub fn run() -> anyhow::Result<()> {
             }
             let run_dir = output.runs_dir.join(&experiment.name);
             let (name, scale) = (experiment.name.clone(), experiment.scale.clone());
+            if cpu_ranks == 0 {
+                anyhow::bail!("--cpu-ranks must be at least 1");
+            }
             if gpus > 1 && cpu_ranks > 1 {
                 anyhow::bail!("--gpus {gpus} and --cpu-ranks {cpu_ranks}: choose one kind of rank");
             }
@@ -471,13 +476,24 @@ fn run_on_cpu_ranks(
     ranks: usize,
 ) -> anyhow::Result<Vec<StageRecord>> {
     match ranks {
-        0 => anyhow::bail!("--cpu-ranks must be at least 1"),
         1 => return Ok(crate::sector::run(experiment, runs_dir, &TrueOracle, Arc::new(SingleRank))?),
         _ if experiment.model.device != "cpu" => {
             anyhow::bail!("--cpu-ranks {ranks}: the model is on {}; use --gpus for GPUs", experiment.model.device)
         }
         _ => {}
     }
+    if experiment.train.micro_batches != ranks {
+        eprintln!(
+            "note: train.micro_batches is {}, not {ranks}: some ranks idle in training, and the weights differ \
+             from one rank's in the order of float sums",
+            experiment.train.micro_batches
+        );
+    }
+    // The ranks are the parallelism: candle's kernels and gemm read their
+    // thread count from here. No other thread runs yet.
+    std::env::set_var("RAYON_NUM_THREADS", "1");
+    // Stacks as roomy as the main thread's and more: the backward pass walks
+    // the graph recursively.
     let pools = (0..ranks)
         .map(|_| rayon::ThreadPoolBuilder::new().num_threads(1).stack_size(64 << 20).build())
         .collect::<Result<Vec<_>, _>>()

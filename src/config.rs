@@ -217,7 +217,8 @@ pub struct TrainSettings {
     pub max_tokens_per_micro_batch: usize,
     /// The least number of micro-batches a batch is cut into, its rows
     /// dealt out in turn by length: 2 lets `sector run --cpu-ranks 2` give
-    /// each core one, with the weights of one rank bit for bit.
+    /// each core one, with the weights of one rank bit for bit as long as
+    /// the token budget cuts neither part further.
     #[serde(skip_serializing_if = "crate::train::is_single")]
     pub micro_batches: usize,
     /// Train with the model's dropout rate.

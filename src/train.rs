@@ -40,8 +40,9 @@ pub struct TrainConfig {
     /// Padded tokens (input + target) per forward/backward pass; bounds memory.
     pub max_tokens_per_micro_batch: usize,
     /// The least number of micro-batches a batch is cut into (1: as few as
-    /// the token budget allows). k ranks with k micro-batches a batch take
-    /// the steps of one rank bit for bit: both sum the k gradients in order.
+    /// the token budget allows). k ranks take one rank's steps bit for bit
+    /// when every batch is exactly k micro-batches: both add the k gradients
+    /// in order. (A part the budget cuts again is summed in another order.)
     #[serde(default = "single", skip_serializing_if = "is_single")]
     pub micro_batches: usize,
     /// Train with the model config's dropout rate (off: deterministic forward).

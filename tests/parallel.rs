@@ -94,8 +94,10 @@ fn with_a_micro_batch_per_rank_two_ranks_take_one_process_s_steps_bit_for_bit() 
         (trainer.config.max_tokens_per_micro_batch, trainer.config.micro_batches) = (1 << 20, 2);
         trainer
     };
-    let batch: Vec<&Example> = data[..32].iter().collect();
-    assert_eq!(micro_batches(&batch, 1 << 20, 2).len(), 2, "one micro-batch per rank");
+    for batch in data.chunks(32) {
+        let batch: Vec<&Example> = batch.iter().collect();
+        assert_eq!(micro_batches(&batch, 1 << 20, 2).len(), 2, "one micro-batch per rank in every batch");
+    }
     let mut single = halves(Arc::new(SingleRank));
     let single_losses: Vec<f32> = (0..2).map(|_| single.epoch(&data).unwrap()).collect();
     let ranks = on_two_ranks(|collective| {
