@@ -484,8 +484,8 @@ fn run_on_cpu_ranks(
     }
     if experiment.train.micro_batches != ranks {
         eprintln!(
-            "note: train.micro_batches is {}, not {ranks}: some ranks idle in training, and the weights differ \
-             from one rank's in the order of float sums",
+            "note: train.micro_batches is {}, not {ranks}: the ranks share training unevenly, and the weights \
+             need not be one rank's bit for bit",
             experiment.train.micro_batches
         );
     }
