@@ -51,16 +51,8 @@ pub struct Session {
     pub machine: Machine,
     pub build: Build,
     /// Data-parallel ranks (`sector run --gpus` or `--cpu-ranks`).
-    #[serde(default = "one_rank", skip_serializing_if = "is_one_rank")]
+    #[serde(default = "crate::train::single", skip_serializing_if = "crate::train::is_single")]
     pub ranks: usize,
-}
-
-fn one_rank() -> usize {
-    1
-}
-
-fn is_one_rank(ranks: &usize) -> bool {
-    *ranks == 1
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -61,7 +61,8 @@ pub struct TrainConfig {
     pub digit_offset: DigitOffset,
 }
 
-fn single() -> usize {
+/// The default of a count that is 1 unless set (micro-batches, ranks).
+pub(crate) fn single() -> usize {
     1
 }
 

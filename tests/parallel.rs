@@ -137,16 +137,26 @@ fn two_ranks_decode_what_one_process_decodes() {
     }
 }
 
-#[test]
-fn a_two_rank_run_writes_the_single_process_datasets_and_records() {
-    let micro =
-        || Experiment::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/micro/main.toml")).unwrap();
+/// The micro run with `train.micro_batches` set, once in one process and
+/// once on two ranks; the temporary directories hold the two run directories.
+fn micro_run_on_one_and_two_ranks(micro_batches: usize) -> [tempfile::TempDir; 2] {
+    let micro = || {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/micro/main.toml");
+        let mut experiment = Experiment::load(&path).unwrap();
+        experiment.train.micro_batches = micro_batches;
+        experiment
+    };
     let single = tempfile::tempdir().unwrap();
     run(micro(), single.path(), &TrueOracle, Arc::new(SingleRank)).unwrap();
     let two = tempfile::tempdir().unwrap();
     on_two_ranks(|collective| run(micro(), two.path(), &TrueOracle, collective).unwrap());
+    [single, two]
+}
 
-    let (single, two) = (single.path().join("micro-main"), two.path().join("micro-main"));
+#[test]
+fn a_two_rank_run_writes_the_single_process_datasets_and_records() {
+    let dirs = micro_run_on_one_and_two_ranks(1);
+    let [single, two] = dirs.each_ref().map(|dir| dir.path().join("micro-main"));
     let records = records_without_time(&single);
     assert!(records.len() >= 3, "the micro run has supervised and self-training stages");
     assert_eq!(records_without_time(&two), records);
@@ -161,18 +171,8 @@ fn a_two_rank_run_writes_the_single_process_datasets_and_records() {
 
 #[test]
 fn with_train_micro_batches_2_a_two_rank_run_writes_the_single_process_checkpoints() {
-    let micro = || {
-        let mut e =
-            Experiment::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/micro/main.toml")).unwrap();
-        e.train.micro_batches = 2;
-        e
-    };
-    let single = tempfile::tempdir().unwrap();
-    run(micro(), single.path(), &TrueOracle, Arc::new(SingleRank)).unwrap();
-    let two = tempfile::tempdir().unwrap();
-    on_two_ranks(|collective| run(micro(), two.path(), &TrueOracle, collective).unwrap());
-
-    let (single, two) = (single.path().join("micro-main"), two.path().join("micro-main"));
+    let dirs = micro_run_on_one_and_two_ranks(2);
+    let [single, two] = dirs.each_ref().map(|dir| dir.path().join("micro-main"));
     let (single_files, two_files) = (Manifest::load(&single).unwrap(), Manifest::load(&two).unwrap());
     let saved: Vec<&String> = single_files
         .entries
