@@ -422,6 +422,13 @@ pub struct SelfTrainingSettings {
     /// (sweep rows b02, b04 and cpu-main's last stage). A CPU-scale deviation.
     #[serde(skip_serializing_if = "is_none")]
     pub slow_gate_misses: usize,
+    /// The fast exact match a self-training gate needs, in place of
+    /// supervised.fast_gate (None: the supervised gate's, the paper's 0.75).
+    /// A small model leaves a stage soon after its slow gate passes, with
+    /// fast on the new length at 0.9 or below, and later stages' replay does
+    /// not mend all of it (sweep rows m05, s46). A CPU-scale deviation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fast_gate: Option<f64>,
 }
 
 fn is_none(count: &usize) -> bool {
@@ -450,6 +457,7 @@ impl Default for SelfTrainingSettings {
             fast_last_column_variants: false,
             offset_vote: 0,
             slow_gate_misses: 0,
+            fast_gate: None,
         }
     }
 }
@@ -577,6 +585,7 @@ impl Experiment {
             ("supervised.slow_gate", self.supervised.slow_gate),
             ("supervised.generalise_threshold", self.supervised.generalise_threshold),
             ("self_training.stop_below_acceptance", self.self_training.stop_below_acceptance),
+            ("self_training.fast_gate", self.self_training.fast_gate.unwrap_or(0.0)),
         ] {
             if !(0.0..=1.0).contains(&value) {
                 return bad(field, format!("is {value}; it is a fraction between 0 and 1"));
@@ -630,6 +639,7 @@ impl Experiment {
                     format!("slow gate allows {n} {}", if n == 1 { "miss" } else { "misses" })
                 }),
             ),
+            ("self_training.fast_gate", st.fast_gate.map(|gate| format!("self-training fast gate {gate}"))),
         ]
         .into_iter()
         .filter_map(|(field, what)| Some((field, what?)))
@@ -849,6 +859,8 @@ mod tests {
             ),
             ("name = \"x\"\n[self_training]\noffset_vote = 5", "self_training.offset_vote"),
             ("name = \"x\"\n[self_training]\nslow_gate_misses = 1", "self_training.slow_gate_misses"),
+            ("name = \"x\"\n[self_training]\nfast_gate = 0.95", "self_training.fast_gate"),
+            ("name = \"x\"\nscale = \"cpu\"\n[self_training]\nfast_gate = 95", "self_training.fast_gate"),
             (
                 "name = \"x\"\nscale = \"cpu\"\n[model]\npreset = \"cpu-tiny\"\ndevice = \"cpu\"\n\
                  digit_positions = { max_index = 60 }\n[train]\ndigit_offset = { max = 3 }\n\

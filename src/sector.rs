@@ -16,7 +16,7 @@
 
 use crate::analysis::{self, CARRIES_CSV, FINAL_CSV, VOTES_CSV};
 use crate::answer::{majority_vote, Solver, Trace};
-use crate::config::{Experiment, LabelMethod, StartSelfTraining, SupervisedSettings};
+use crate::config::{Experiment, LabelMethod, SelfTrainingSettings, StartSelfTraining, SupervisedSettings};
 use crate::error::{Error, Result};
 use crate::eval::{evaluate, summarize};
 use crate::files::{csv_bytes, read_csv, Manifest, RunLock, CONFIG_FILE};
@@ -398,12 +398,14 @@ pub fn run(
     Ok(run.records)
 }
 
-/// The slow threshold of a self-training gate holding out `held` slow
-/// labels that allows `misses` of them: (held - misses) / held, computed as
-/// the gate's rate is, so equal counts compare equal, and never above the
-/// supervised threshold.
-fn self_training_slow_gate(slow_gate: f64, misses: usize, held: usize) -> f64 {
-    slow_gate.min(rate(held.saturating_sub(misses), held))
+/// The (fast, slow) thresholds of a self-training gate holding out `held`
+/// slow labels. Fast: `self_training.fast_gate`, else the supervised one.
+/// Slow: allowing `slow_gate_misses` of them, (held - misses) / held,
+/// computed as the gate's rate is, so equal counts compare equal, and never
+/// above the supervised threshold.
+fn self_training_gate(sup: &SupervisedSettings, st: &SelfTrainingSettings, held: usize) -> (f64, f64) {
+    let slow = sup.slow_gate.min(rate(held.saturating_sub(st.slow_gate_misses), held));
+    (st.fast_gate.unwrap_or(sup.fast_gate), slow)
 }
 
 /// Exact-match rate of `hits` (0 for an empty set).
@@ -909,8 +911,9 @@ impl<'a> Run<'a> {
 
         // A gate with a positive threshold needs held-out examples of its kind.
         let held_out = |kind: Kind| gate.iter().filter(|g| g.kind == kind).count();
+        let thresholds = self_training_gate(&e.supervised, st, held_out(Kind::Slow));
         let mut stop_reason = String::new();
-        if (held_out(Kind::Fast) == 0 && e.supervised.fast_gate > 0.0)
+        if (held_out(Kind::Fast) == 0 && thresholds.0 > 0.0)
             || (held_out(Kind::Slow) == 0 && e.supervised.slow_gate > 0.0)
         {
             stop_reason = format!(
@@ -924,8 +927,6 @@ impl<'a> Run<'a> {
         let train: Vec<Example> = data.iter().filter(|r| r.split == Split::Train).map(DataRow::example).collect();
         let script_examples = data.iter().filter(|r| r.split == Split::Train && r.origin == Origin::Script).count();
         let (epochs, gate_fast, gate_slow, passed) = if stop_reason.is_empty() {
-            let slow = self_training_slow_gate(e.supervised.slow_gate, st.slow_gate_misses, held_out(Kind::Slow));
-            let thresholds = (e.supervised.fast_gate, slow);
             self.train_until_gate(trainer, stage, &train, &gate, thresholds, &format!("stage {stage} self {m}"))?
         } else {
             (0, 0.0, 0.0, false)
@@ -1428,14 +1429,26 @@ mod tests {
 
     #[test]
     fn a_slow_gate_allowing_one_miss_passes_127_of_128_and_not_126() {
-        let one_miss = self_training_slow_gate(1.0, 1, 128);
-        assert!(rate(127, 128) >= one_miss && rate(126, 128) < one_miss);
+        let (sup, paper) = (SupervisedSettings::default(), SelfTrainingSettings::default());
+        let one_miss = SelfTrainingSettings { slow_gate_misses: 1, ..paper.clone() };
+        let slow = |sup: &SupervisedSettings, st: &SelfTrainingSettings, held| self_training_gate(sup, st, held).1;
+        assert!(rate(127, 128) >= slow(&sup, &one_miss, 128) && rate(126, 128) < slow(&sup, &one_miss, 128));
         // The paper's gate: every held-out label right.
-        let paper = self_training_slow_gate(1.0, 0, 128);
-        assert!(rate(128, 128) >= paper && rate(127, 128) < paper);
+        assert!(rate(128, 128) >= slow(&sup, &paper, 128) && rate(127, 128) < slow(&sup, &paper, 128));
         // Never stricter than the supervised threshold, nor below 0 when few are held out.
-        assert_eq!(self_training_slow_gate(0.0, 1, 128), 0.0);
-        assert_eq!(self_training_slow_gate(1.0, 3, 2), 0.0);
+        let lenient = SupervisedSettings { slow_gate: 0.0, ..sup.clone() };
+        assert_eq!(slow(&lenient, &one_miss, 128), 0.0);
+        assert_eq!(slow(&sup, &SelfTrainingSettings { slow_gate_misses: 3, ..paper }, 2), 0.0);
+    }
+
+    #[test]
+    fn a_self_training_fast_gate_replaces_the_supervised_one_in_self_training_alone() {
+        let sup = SupervisedSettings::default();
+        let paper = SelfTrainingSettings::default();
+        assert_eq!(self_training_gate(&sup, &paper, 128), (sup.fast_gate, 1.0));
+        let stricter = SelfTrainingSettings { fast_gate: Some(0.95), ..paper };
+        assert_eq!(self_training_gate(&sup, &stricter, 128), (0.95, 1.0));
+        assert_eq!(sup.fast_gate, 0.75, "the supervised gate keeps the paper's threshold");
     }
 
     #[test]
