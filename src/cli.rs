@@ -47,6 +47,10 @@ enum Command {
         /// slow step can be right at one offset and wrong at another.
         #[arg(long, default_value_t = 0)]
         digit_offset: u32,
+        /// Prompts decoded together; it bounds the memory a long prompt file
+        /// takes (outputs are the same at any size).
+        #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..))]
+        decode_batch: u64,
         /// cpu, cuda or cuda:N.
         #[arg(long, default_value = "cpu")]
         device: String,
@@ -234,7 +238,7 @@ impl RunOptions {
 
 pub fn run() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Generate { model, prompt, prompts, max_new_tokens, digit_offset, device } => {
+        Command::Generate { model, prompt, prompts, max_new_tokens, digit_offset, decode_batch, device } => {
             let prompts = match prompts {
                 Some(path) => read_prompts(&path)?,
                 None => prompt,
@@ -249,8 +253,10 @@ pub fn run() -> anyhow::Result<()> {
             }
             let prompts: Vec<String> = prompts.iter().map(|p| unescape(p)).collect();
             let opts = GreedyOptions { digit_offset, ..GreedyOptions::new(max_new_tokens) };
-            for output in greedy_text(&model.t5, &prompts, opts)? {
-                println!("{}", escape(&output));
+            for batch in prompts.chunks(decode_batch as usize) {
+                for output in greedy_text(&model.t5, batch, opts)? {
+                    println!("{}", escape(&output));
+                }
             }
         }
         Command::Run { config, output, gpus, cpu_ranks, rank, nccl_id } => {

@@ -88,6 +88,24 @@ fn generate_reads_prompts_from_stdin_and_files() {
 }
 
 #[test]
+fn generate_in_batches_of_one_prompt_gives_every_output_in_order() {
+    let home = tempfile::tempdir().unwrap();
+    let dir = fixture_dir();
+    let mut args = vec!["generate", "--model", dir.to_str().unwrap(), "--max-new-tokens", "40", "--decode-batch", "1"];
+    for prompt in &PROMPTS {
+        args.extend(["--prompt", prompt]);
+    }
+    assert_eq!(stdout_lines(&sector(&args, home.path(), None)), expected_lines());
+    let zero = sector(
+        &["generate", "--model", dir.to_str().unwrap(), "--decode-batch", "0", "--prompt", "hi"],
+        home.path(),
+        None,
+    );
+    assert!(!zero.status.success());
+    assert!(String::from_utf8_lossy(&zero.stderr).contains("--decode-batch"));
+}
+
+#[test]
 fn generate_finds_hub_models_in_the_cache_in_both_formats() {
     for with_pr in [false, true] {
         let home = fake_cache(with_pr);
