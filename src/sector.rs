@@ -652,14 +652,15 @@ impl<'a> Run<'a> {
         stage_rng(self.experiment.seed, slot, stream)
     }
 
-    /// Asks the trainer's model; a spinner labelled `task` counts decoded rows.
+    /// Asks the trainer's published model (the running average of its
+    /// weights, when one is kept); a spinner labelled `task` counts decoded rows.
     fn solver<'m>(&self, trainer: &'m Trainer, task: &str) -> Solver<'m> {
         let progress = self
             .on_rank_zero(ProgressBar::new_spinner())
             .with_style(ProgressStyle::with_template("{msg}: {pos} rows decoded, {per_sec}, {elapsed}").expect("valid"))
             .with_message(task.to_string());
         Solver {
-            model: &trainer.model.t5,
+            model: &trainer.published().t5,
             format: self.experiment.task.slow_format,
             decode_batch: self.experiment.eval.decode_batch,
             progress,
@@ -887,6 +888,9 @@ impl<'a> Run<'a> {
         if let Some(lr) = st.lr {
             // Set at every stage's start, so a resumed run trains as an unbroken one.
             (trainer.adam.lr, trainer.adam.warmup_steps, trainer.adam.schedule) = (lr, 0, LrSchedule::Constant);
+        }
+        if let Some(decay) = st.weight_average {
+            trainer.start_average(decay)?;
         }
         let started = Instant::now();
         let labels = self.label_new_problems(trainer, stage, m)?;

@@ -249,6 +249,45 @@ struct TrainerState {
     epochs: u64,
     data_rng: Pcg64,
     dropout_rng: Pcg64,
+    /// The decay of the running average of the weights, when one is kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    weight_average: Option<f64>,
+}
+
+/// A running average of the weights (Polyak averaging with an exponential
+/// window): after every optimiser step, `decay * average + (1 - decay) *
+/// weights`. It is a model of its own, so that it can be asked and saved
+/// while training goes on from the weights themselves.
+pub struct WeightAverage {
+    pub decay: f64,
+    pub model: Model,
+}
+
+impl WeightAverage {
+    /// Starts at the model's current weights.
+    pub fn new(decay: f64, model: &Model) -> Result<Self> {
+        let tensors = model
+            .vars
+            .iter()
+            .map(|(name, var)| Ok((name.clone(), var.as_tensor().copy()?)))
+            .collect::<Result<HashMap<_, _>>>()?;
+        Ok(WeightAverage { decay, model: copy_of(model, tensors)? })
+    }
+
+    /// Moves the average toward the model's weights by one step.
+    pub fn update(&self, model: &Model) -> Result<()> {
+        for (name, average) in &self.model.vars {
+            let weights = model.vars[name].as_tensor();
+            average.set(&((average.as_tensor() * self.decay)? + (weights * (1.0 - self.decay))?)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// A model with `model`'s config, device and dtype and the given weights.
+fn copy_of(model: &Model, tensors: HashMap<String, Tensor>) -> Result<Model> {
+    let file = Path::new("(a copy of the trained weights)");
+    Model::from_tensors(model.config(), tensors, file, model.t5.device(), model.t5.dtype())
 }
 
 pub struct Trainer {
@@ -261,6 +300,8 @@ pub struct Trainer {
     dropout_rng: Pcg64,
     /// The ranks that share each batch (one rank unless data-parallel).
     pub collective: Arc<dyn Collective>,
+    /// Kept once `start_average` is called (self_training.weight_average).
+    pub average: Option<WeightAverage>,
 }
 
 impl Trainer {
@@ -270,13 +311,40 @@ impl Trainer {
         // masks, digit-place offsets; the name is older than the offsets).
         let data_rng = Pcg64::new(config.seed as u128, 0xda7a);
         let dropout_rng = Pcg64::new(config.seed as u128, 0xd209);
-        Ok(Trainer { model, config, adam, epochs: 0, data_rng, dropout_rng, collective: Arc::new(SingleRank) })
+        Ok(Trainer {
+            model,
+            config,
+            adam,
+            epochs: 0,
+            data_rng,
+            dropout_rng,
+            collective: Arc::new(SingleRank),
+            average: None,
+        })
+    }
+
+    /// Keeps a running average of the weights from now on (once started, it
+    /// goes on, and a resumed trainer has it back from its checkpoint).
+    pub fn start_average(&mut self, decay: f64) -> Result<()> {
+        if self.average.is_none() {
+            self.average = Some(WeightAverage::new(decay, &self.model)?);
+        }
+        Ok(())
+    }
+
+    /// The model to ask and to save: the running average when one is kept,
+    /// else the weights being trained.
+    pub fn published(&self) -> &Model {
+        self.average.as_ref().map_or(&self.model, |average| &average.model)
     }
 
     /// One optimiser step on `batch`; returns its mean token loss.
     pub fn step(&mut self, batch: &[&Example]) -> Result<f32> {
         let (loss, grads) = self.gradients(batch)?;
         self.adam.step(&self.model.vars, &grads)?;
+        if let Some(average) = &self.average {
+            average.update(&self.model)?;
+        }
         Ok(loss)
     }
 
@@ -361,15 +429,16 @@ impl Trainer {
     }
 
     /// Writes a checkpoint directory: config.json and model.safetensors (a
-    /// Hugging Face checkpoint), optimizer.safetensors, trainer.json and
-    /// manifest.sha256. It is built in `DIR.partial` and renamed into place,
+    /// Hugging Face checkpoint of the published model), optimizer.safetensors
+    /// (with the trained weights too when they are not the published ones),
+    /// trainer.json and manifest.sha256. It is built in `DIR.partial` and renamed into place,
     /// so `dir` is always either absent or complete.
     pub fn save(&self, dir: &Path) -> Result<()> {
         let partial = PathBuf::from(format!("{}.partial", dir.display()));
         let _ = std::fs::remove_dir_all(&partial);
         std::fs::create_dir_all(&partial).map_err(|e| Error::io(&partial, e))?;
         let mut manifest = Manifest::default();
-        self.model.save(&partial, &mut manifest)?;
+        self.published().save(&partial, &mut manifest)?;
 
         let mut moments: Vec<(String, Tensor)> = Vec::new();
         for (name, (m, v, master)) in &self.adam.state {
@@ -377,6 +446,9 @@ impl Trainer {
             moments.push((format!("v.{name}"), v.clone()));
             if let Some(master) = master {
                 moments.push((format!("master.{name}"), master.clone()));
+            }
+            if self.average.is_some() {
+                moments.push((format!("trained.{name}"), self.model.vars[name].as_tensor().clone()));
             }
         }
         crate::weights::write_tensors(moments.iter().map(|(n, t)| (n, t)), &partial, OPTIMIZER_FILE, &mut manifest)?;
@@ -387,6 +459,7 @@ impl Trainer {
             epochs: self.epochs,
             data_rng: self.data_rng.clone(),
             dropout_rng: self.dropout_rng.clone(),
+            weight_average: self.average.as_ref().map(|average| average.decay),
         };
         manifest.write_file(&partial, TRAINER_FILE, &serde_json::to_vec_pretty(&state).expect("serialises"))?;
         manifest.save(&partial)?;
@@ -422,24 +495,34 @@ impl Trainer {
         let trainer_path = dir.join(TRAINER_FILE);
         let state: TrainerState = serde_json::from_slice(&read_checked(TRAINER_FILE)?)
             .map_err(|e| Error::format(&trainer_path, format!("is not a trainer state: {e}")))?;
-        let mut trainer = Trainer::new(model, state.config)?;
+        let optimizer_path = dir.join(OPTIMIZER_FILE);
+        let mut tensors = tensors_checked(OPTIMIZER_FILE, device)?;
+        let mut take = |prefix: &str, name: &str| {
+            tensors
+                .remove(&format!("{prefix}.{name}"))
+                .ok_or_else(|| Error::format(&optimizer_path, format!("has no tensor {prefix}.{name}")))
+        };
+        // With a running average, model.safetensors holds the average and
+        // the optimizer file the weights training goes on from.
+        let (trained, average) = match state.weight_average {
+            None => (model, None),
+            Some(decay) => {
+                let weights =
+                    model.vars.keys().map(|name| Ok((name.clone(), take("trained", name)?))).collect::<Result<_>>()?;
+                (copy_of(&model, weights)?, Some(WeightAverage { decay, model }))
+            }
+        };
+        let mut trainer = Trainer::new(trained, state.config)?;
+        trainer.average = average;
         trainer.adam.steps = state.adam_steps;
         trainer.epochs = state.epochs;
         trainer.data_rng = state.data_rng;
         trainer.dropout_rng = state.dropout_rng;
-
-        let optimizer_path = dir.join(OPTIMIZER_FILE);
-        let mut moments = tensors_checked(OPTIMIZER_FILE, device)?;
         for (name, (m, v, master)) in trainer.adam.state.iter_mut() {
-            let mut take = |prefix: &str| {
-                moments
-                    .remove(&format!("{prefix}.{name}"))
-                    .ok_or_else(|| Error::format(&optimizer_path, format!("has no tensor {prefix}.{name}")))
-            };
-            *m = take("m")?;
-            *v = take("v")?;
+            *m = take("m", name)?;
+            *v = take("v", name)?;
             if master.is_some() {
-                *master = Some(take("master")?);
+                *master = Some(take("master", name)?);
             }
         }
         Ok(trainer)
@@ -460,6 +543,24 @@ mod tests {
         assert_eq!(batches, vec![vec![5, 1, 3], vec![2, 4], vec![0]]);
         let all: usize = batches.iter().map(Vec::len).sum();
         assert_eq!(all, examples.len());
+    }
+
+    #[test]
+    fn a_weight_average_moves_a_quarter_of_the_way_at_decay_three_quarters() -> Result<()> {
+        let cfg = crate::model::T5Config::preset("cpu-tiny").expect("a preset");
+        let model = Model::random(&cfg, 0, &Device::Cpu, DType::F32)?;
+        let average = WeightAverage::new(0.75, &model)?;
+        let (name, var) = model.vars.iter().next().expect("weights");
+        let start = var.as_tensor().copy()?;
+        var.set(&(&start + 4.0)?)?;
+        average.update(&model)?;
+        // 0.75 * start + 0.25 * (start + 4) = start + 1, and the model's own
+        // weights are left as they were.
+        let moved = (average.model.vars[name].as_tensor() - &start)?.flatten_all()?.to_vec1::<f32>()?;
+        assert!(moved.iter().all(|d| (d - 1.0).abs() < 1e-5), "{:?}", &moved[..4]);
+        let kept = (var.as_tensor() - &start)?.flatten_all()?.to_vec1::<f32>()?;
+        assert!(kept.iter().all(|d| (d - 4.0).abs() < 1e-5));
+        Ok(())
     }
 
     #[test]

@@ -52,11 +52,16 @@ fn a_tiny_model_learns_to_copy_digit_strings() {
 /// just as slowly).
 const MAX_EPOCHS: usize = 20;
 
-/// Trains `epochs` epochs, saving and reloading after each one when `resume`.
-fn train_run(dir: &Path, epochs: usize, resume: bool) -> Trainer {
+/// Trains `epochs` epochs, saving and reloading after each one when `resume`,
+/// keeping a running average of the weights at `average`'s decay from the
+/// second epoch on.
+fn train_run(dir: &Path, epochs: usize, resume: bool, average: Option<f64>) -> Trainer {
     let data = copy_examples(96, 3, 5);
     let mut trainer = tiny_trainer(9, 1e-3, 32, true);
     for epoch in 0..epochs {
+        if let (1, Some(decay)) = (epoch, average) {
+            trainer.start_average(decay).unwrap();
+        }
         trainer.epoch(&data).unwrap();
         if resume {
             let checkpoint = dir.join(format!("epoch-{epoch}"));
@@ -71,8 +76,8 @@ fn train_run(dir: &Path, epochs: usize, resume: bool) -> Trainer {
 #[test]
 fn same_seed_gives_bit_identical_checkpoints() {
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    train_run(a.path(), 2, false);
-    train_run(b.path(), 2, false);
+    train_run(a.path(), 2, false, None);
+    train_run(b.path(), 2, false, None);
     for file in [WEIGHTS_FILE, "optimizer.safetensors", "trainer.json", "manifest.sha256"] {
         let (ha, hb) =
             (sha256_file(&a.path().join("final").join(file)), sha256_file(&b.path().join("final").join(file)));
@@ -83,8 +88,8 @@ fn same_seed_gives_bit_identical_checkpoints() {
 #[test]
 fn save_load_and_continue_equals_never_stopping() {
     let (straight, resumed) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    train_run(straight.path(), 3, false);
-    train_run(resumed.path(), 3, true);
+    train_run(straight.path(), 3, false, None);
+    train_run(resumed.path(), 3, true, None);
     for file in [WEIGHTS_FILE, "optimizer.safetensors", "trainer.json"] {
         let hash = |dir: &Path| sha256_file(&dir.join("final").join(file)).unwrap();
         assert_eq!(hash(straight.path()), hash(resumed.path()), "{file}");
@@ -92,9 +97,33 @@ fn save_load_and_continue_equals_never_stopping() {
 }
 
 #[test]
+fn a_running_average_is_what_is_saved_and_resumes_exactly() {
+    let (straight, resumed) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let trainer = train_run(straight.path(), 3, false, Some(0.9));
+    train_run(resumed.path(), 3, true, Some(0.9));
+    for file in [WEIGHTS_FILE, "optimizer.safetensors", "trainer.json"] {
+        let hash = |dir: &Path| sha256_file(&dir.join("final").join(file)).unwrap();
+        assert_eq!(hash(straight.path()), hash(resumed.path()), "{file}");
+    }
+    // The checkpoint's model is the average, not the weights trained on.
+    let saved = Model::load(straight.path().join("final").to_str().unwrap(), &Device::Cpu).unwrap();
+    let average = trainer.published();
+    let trained = &trainer.model;
+    for (name, var) in &saved.vars {
+        assert_eq!(max_abs_diff(var.as_tensor(), average.vars[name].as_tensor()), 0.0, "{name}");
+    }
+    let moved: f32 = saved.vars.iter().map(|(n, v)| max_abs_diff(v.as_tensor(), trained.vars[n].as_tensor())).sum();
+    assert!(moved > 0.0, "the average equals the trained weights");
+    let reloaded = Trainer::load(&straight.path().join("final"), &Device::Cpu).unwrap();
+    for (name, var) in &reloaded.model.vars {
+        assert_eq!(max_abs_diff(var.as_tensor(), trained.vars[name].as_tensor()), 0.0, "trained {name}");
+    }
+}
+
+#[test]
 fn a_flipped_byte_in_a_checkpoint_is_caught() {
     let dir = tempfile::tempdir().unwrap();
-    train_run(dir.path(), 1, false);
+    train_run(dir.path(), 1, false, None);
     let weights = dir.path().join("final").join(WEIGHTS_FILE);
     let mut bytes = std::fs::read(&weights).unwrap();
     let last = bytes.len() - 1;
