@@ -398,14 +398,18 @@ pub fn run(
     Ok(run.records)
 }
 
-/// The (fast, slow) thresholds of a self-training gate holding out `held`
-/// slow labels. Fast: `self_training.fast_gate`, else the supervised one.
-/// Slow: allowing `slow_gate_misses` of them, (held - misses) / held,
-/// computed as the gate's rate is, so equal counts compare equal, and never
-/// above the supervised threshold.
-fn self_training_gate(sup: &SupervisedSettings, st: &SelfTrainingSettings, held: usize) -> (f64, f64) {
+/// The (fast, slow) thresholds of the gate of the self-training stage that
+/// teaches `digits`, holding out `held` slow labels. Fast:
+/// `self_training.last_fast_gate` at `last_digits`, else
+/// `self_training.fast_gate`, else the supervised one. Slow: allowing
+/// `slow_gate_misses` of them, (held - misses) / held, computed as the
+/// gate's rate is, so equal counts compare equal, and never above the
+/// supervised threshold.
+fn self_training_gate(sup: &SupervisedSettings, st: &SelfTrainingSettings, digits: usize, held: usize) -> (f64, f64) {
     let slow = sup.slow_gate.min(rate(held.saturating_sub(st.slow_gate_misses), held));
-    (st.fast_gate.unwrap_or(sup.fast_gate), slow)
+    let every_stage = st.fast_gate.unwrap_or(sup.fast_gate);
+    let fast = if digits >= st.last_digits { st.last_fast_gate.unwrap_or(every_stage) } else { every_stage };
+    (fast, slow)
 }
 
 /// Exact-match rate of `hits` (0 for an empty set).
@@ -915,7 +919,7 @@ impl<'a> Run<'a> {
 
         // A gate with a positive threshold needs held-out examples of its kind.
         let held_out = |kind: Kind| gate.iter().filter(|g| g.kind == kind).count();
-        let thresholds = self_training_gate(&e.supervised, st, held_out(Kind::Slow));
+        let thresholds = self_training_gate(&e.supervised, st, m, held_out(Kind::Slow));
         let mut stop_reason = String::new();
         if (held_out(Kind::Fast) == 0 && thresholds.0 > 0.0)
             || (held_out(Kind::Slow) == 0 && e.supervised.slow_gate > 0.0)
@@ -1435,7 +1439,7 @@ mod tests {
     fn a_slow_gate_allowing_one_miss_passes_127_of_128_and_not_126() {
         let (sup, paper) = (SupervisedSettings::default(), SelfTrainingSettings::default());
         let one_miss = SelfTrainingSettings { slow_gate_misses: 1, ..paper.clone() };
-        let slow = |sup: &SupervisedSettings, st: &SelfTrainingSettings, held| self_training_gate(sup, st, held).1;
+        let slow = |sup: &SupervisedSettings, st: &SelfTrainingSettings, held| self_training_gate(sup, st, 9, held).1;
         assert!(rate(127, 128) >= slow(&sup, &one_miss, 128) && rate(126, 128) < slow(&sup, &one_miss, 128));
         // The paper's gate: every held-out label right.
         assert!(rate(128, 128) >= slow(&sup, &paper, 128) && rate(127, 128) < slow(&sup, &paper, 128));
@@ -1449,10 +1453,24 @@ mod tests {
     fn a_self_training_fast_gate_replaces_the_supervised_one_in_self_training_alone() {
         let sup = SupervisedSettings::default();
         let paper = SelfTrainingSettings::default();
-        assert_eq!(self_training_gate(&sup, &paper, 128), (sup.fast_gate, 1.0));
+        assert_eq!(self_training_gate(&sup, &paper, 9, 128), (sup.fast_gate, 1.0));
         let stricter = SelfTrainingSettings { fast_gate: Some(0.95), ..paper };
-        assert_eq!(self_training_gate(&sup, &stricter, 128), (0.95, 1.0));
+        assert_eq!(self_training_gate(&sup, &stricter, 9, 128), (0.95, 1.0));
         assert_eq!(sup.fast_gate, 0.75, "the supervised gate keeps the paper's threshold");
+    }
+
+    #[test]
+    fn a_last_fast_gate_holds_the_stage_of_last_digits_alone() {
+        let sup = SupervisedSettings::default();
+        let paper = SelfTrainingSettings::default();
+        let last = paper.last_digits;
+        assert_eq!(self_training_gate(&sup, &paper, last, 128).0, sup.fast_gate);
+        let held = SelfTrainingSettings { last_fast_gate: Some(0.97), ..paper.clone() };
+        assert_eq!(self_training_gate(&sup, &held, last - 1, 128).0, sup.fast_gate);
+        assert_eq!(self_training_gate(&sup, &held, last, 128), (0.97, 1.0));
+        let both = SelfTrainingSettings { fast_gate: Some(0.9), ..held };
+        assert_eq!(self_training_gate(&sup, &both, last - 1, 128).0, 0.9);
+        assert_eq!(self_training_gate(&sup, &both, last, 128).0, 0.97);
     }
 
     #[test]
