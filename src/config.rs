@@ -669,10 +669,7 @@ impl Experiment {
                 }),
             ),
             ("self_training.fast_gate", st.fast_gate.map(|gate| format!("self-training fast gate {gate}"))),
-            (
-                "self_training.last_fast_gate",
-                st.last_fast_gate.map(|gate| format!("last stage's fast gate {gate}")),
-            ),
+            ("self_training.last_fast_gate", st.last_fast_gate.map(|gate| format!("last stage's fast gate {gate}"))),
             (
                 "self_training.weight_average",
                 st.weight_average.map(|decay| format!("weights averaged at decay {decay}")),
